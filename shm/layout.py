@@ -19,6 +19,7 @@ The first 4 KiB page is the header; the rest holds two rings of equal capacity::
         88     8  h2g_capacity        broker      host-to-guest ring data size
         96    32  (reserved, zero)
        128     4  capabilities        broker      mirror of the broker's private capability bits
+                                                  (bits defined by the protocol package)
        132     4  (reserved, zero)
        136     8  broker_heartbeat    broker      counter, bumped about every HEARTBEAT_PERIOD_S
        144   112  (reserved, zero)
@@ -63,11 +64,6 @@ RECORD_ALIGN = 8
 # than 1 MiB (bigger payloads travel in chunks, see protocol.messages).
 MAX_RECORD_CAP = 1 << 20
 HEARTBEAT_PERIOD_S = 0.25
-
-CAP_COPY_FROM = 1 << 0
-"""Broker expects this VM's clipboard (a copy gesture for it is in flight)."""
-CAP_PASTE_TO = 1 << 1
-"""Broker is handing the global clipboard to this VM (a paste gesture for it)."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,181 @@
+"""``python -m broker`` / ``ivclip-broker``: serve, gestures, status, attach help, demo."""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from broker.attach import libvirt_xml, qemu_args
+from broker.errors import ConfigError
+from broker.names import check_vm_name
+from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
+from control.cli import call, parse_size, report, setup_logging
+from control.errors import ControlError
+from control.sockets import runtime_dir
+from shm import layout
+from shm.errors import RegionError
+
+GESTURE_MARGIN_S = 130.0
+
+
+def default_socket() -> Path:
+    return runtime_dir() / "broker.sock"
+
+
+def _socket(args: argparse.Namespace) -> Path:
+    return Path(args.socket) if args.socket else default_socket()
+
+
+def _region_size(text: str) -> int:
+    size = parse_size(text)
+    if not layout.valid_region_size(size):
+        raise argparse.ArgumentTypeError(
+            f"region size {text} must be a power of two between 1M and 1G (default 4M)"
+        )
+    return size
+
+
+def _vm_name(text: str) -> str:
+    try:
+        return check_vm_name(text)
+    except ConfigError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _group(text: str) -> int:
+    try:
+        return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
+    except KeyError:
+        raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m broker",
+        description="ivclip host broker: a gated clipboard between VMs over ivshmem.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", help="control socket (default: $XDG_RUNTIME_DIR/ivclip/broker.sock)")
+        return p
+
+    serve = with_socket(sub.add_parser("serve", help="run the broker for some VMs"))
+    serve.add_argument("--vm", action="append", type=_vm_name, required=True,
+                       help="a VM to serve (repeat for each VM)")
+    serve.add_argument("--size", type=_region_size, default=layout.DEFAULT_REGION_SIZE,
+                       help="region size per VM, a power of two >= 1M (default 4M)")
+    serve.add_argument("--clipboard-limit", type=parse_size, default=DEFAULT_CLIPBOARD_LIMIT,
+                       help="largest clipboard accepted (default 16M)")
+    serve.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                       help="seconds a VM may stay silent during a gesture (default 5)")
+    serve.add_argument("--shm-group", type=_group,
+                       help="group of the /dev/shm files (e.g. the group QEMU runs as); "
+                            "makes them mode 0660")
+    serve.add_argument("--unlink-on-exit", action="store_true",
+                       help="remove the /dev/shm files on exit (running VMs keep a dead copy)")
+    serve.add_argument("--log-level", default="info")
+
+    for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
+                       ("paste", "paste gesture: hand the global clipboard to VM, then wipe it")):
+        p = with_socket(sub.add_parser(name, help=text))
+        p.add_argument("vm", type=_vm_name)
+
+    status = with_socket(sub.add_parser("status", help="show VMs and the global clipboard"))
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+
+    for name, text in (("qemu-args", "print the QEMU options that attach VM's region"),
+                       ("libvirt-xml", "print the libvirt <shmem> element for VM")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("vm", type=_vm_name)
+        p.add_argument("--size", type=_region_size, default=layout.DEFAULT_REGION_SIZE)
+
+    demo = sub.add_parser("demo", help="run the gated copy-paste with three guests")
+    demo.add_argument("--qemu", action="store_true",
+                      help="use three real QEMU guests instead of host processes")
+    demo.add_argument("--log-level", default="warning")
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    if len(set(args.vm)) != len(args.vm):
+        print("error: a VM is named twice", file=sys.stderr)
+        return 2
+    config = BrokerConfig(
+        vms=args.vm,
+        socket_path=_socket(args),
+        region_size=args.size,
+        clipboard_limit=args.clipboard_limit,
+        timeout_s=args.timeout,
+        unlink_on_exit=args.unlink_on_exit,
+        shm_mode=0o600 if args.shm_group is None else 0o660,
+        shm_group=args.shm_group,
+    )
+    broker = Broker(config)
+    try:
+        broker.start()
+    except (ControlError, RegionError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    broker.install_signal_handlers()
+    try:
+        broker.run()
+    finally:
+        broker.close()
+    return 0
+
+
+def _print_status(reply: dict[str, Any]) -> None:
+    print(f"{'VM':<16} {'STATE':<16} {'HEARTBEAT':>9} {'CAPS':<5} {'TRANSFER':<22} {'DROPPED':>7}  FAULT")
+    for vm in reply.get("vms", []):
+        age = vm["heartbeat_age_s"]
+        caps = vm["capabilities"]
+        caps_text = ("C" if caps & 1 else "-") + ("P" if caps & 2 else "-")
+        print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
+              f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  {vm['last_fault'] or '-'}")
+    clip = reply.get("clipboard", {})
+    if clip.get("empty", True):
+        print("global clipboard: empty")
+    else:
+        print(f"global clipboard: {clip['size']} bytes from {clip['source']}, "
+              f"copied {clip['age_s']:.0f} s ago")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "serve":
+            return _serve(args)
+        if args.command == "qemu-args":
+            print(shlex.join(qemu_args(args.vm, args.size)))
+            return 0
+        if args.command == "libvirt-xml":
+            print(libvirt_xml(args.vm, args.size))
+            return 0
+        if args.command == "demo":
+            from broker.demo import run_demo
+
+            return run_demo(qemu=args.qemu, log_level=args.log_level)
+        socket_path = _socket(args)
+        if args.command == "status":
+            reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="broker")
+            if args.json or not reply.get("ok"):
+                return report(reply, as_json=args.json)
+            _print_status(reply)
+            return 0
+        started = time.monotonic()
+        reply, _ = call(socket_path, {"op": args.command, "vm": args.vm},
+                        timeout_s=GESTURE_MARGIN_S, service="broker")
+        reply.setdefault("elapsed_s", round(time.monotonic() - started, 3))
+        return report(reply)
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,304 @@
+"""The broker: owns the regions, serves gestures, moves the global clipboard.
+
+One thread, one selector.  Each round it services every VM (bounded work per
+VM, see broker.vm), then waits on the control socket for as long as the
+polling backoff allows: at most 1 ms while a transfer is in flight, up to
+`idle_wait_s` when all is quiet.
+
+Gestures arrive only on the control socket (owner-only, peer-credential
+checked).  A copy gesture for VM X is the only way X's data enters the global
+clipboard; a paste gesture for VM Y is the only way the global clipboard
+leaves the broker, into Y's region alone, after which it is wiped.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import secrets
+import selectors
+import signal
+import socket
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.clipboard import GlobalClipboard
+from broker.names import shm_name
+from broker.vm import Attachment, VmLink
+from control.framing import Frame
+from control.server import Connection, ControlServer
+from control.sockets import InstanceLock
+from protocol.channel import (
+    CopyCompleted,
+    CopyFailed,
+    FailReason,
+    HostEvent,
+    PasteCompleted,
+    PasteFailed,
+)
+from shm import layout
+from shm.backoff import Backoff
+from shm.region import Region
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CLIPBOARD_LIMIT = 16 << 20
+DEFAULT_TIMEOUT_S = 5.0
+
+
+@dataclass(slots=True)
+class BrokerConfig:
+    vms: list[str]
+    socket_path: Path
+    region_size: int = layout.DEFAULT_REGION_SIZE
+    shm_prefix: str = "ivclip-"
+    clipboard_limit: int = DEFAULT_CLIPBOARD_LIMIT
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    idle_wait_s: float = 0.05
+    unlink_on_exit: bool = False
+    shm_mode: int = 0o600
+    shm_group: int | None = None
+
+
+@dataclass(slots=True)
+class _Gesture:
+    kind: str  # "copy" or "paste"
+    conn: Connection
+    transfer_id: int
+    started: float = field(default_factory=time.monotonic)
+
+
+def _forbid_core_dumps() -> None:
+    """The global clipboard must never reach the disk, so no core dumps of us."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_dumpable = 4
+        libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
+    except OSError:  # not Linux or no libc: nothing to do
+        log.debug("could not disable core dumps")
+
+
+class Broker:
+    def __init__(self, config: BrokerConfig) -> None:
+        self.config = config
+        self.clipboard = GlobalClipboard()
+        self.vms: dict[str, VmLink] = {}
+        self._gestures: dict[str, _Gesture] = {}
+        self._selector = selectors.DefaultSelector()
+        self._lock = InstanceLock(Path(str(config.socket_path) + ".lock"))
+        self._server: ControlServer | None = None
+        self._stopping = False
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # Lifetime --------------------------------------------------------------
+    def start(self) -> None:
+        """Take the lock, create and initialise every region, listen.
+
+        Raises:
+            ControlError: another broker holds the socket's lock, or the socket cannot be bound.
+            RegionError: a region cannot be created (RegionBusyError: another broker owns it).
+        """
+        _forbid_core_dumps()
+        self._lock.acquire("ivclip broker")
+        try:
+            for name in self.config.vms:
+                region = Region.create(
+                    shm_name(name, self.config.shm_prefix),
+                    self.config.region_size,
+                    mode=self.config.shm_mode,
+                    group=self.config.shm_group,
+                )
+                self.vms[name] = VmLink(name, region, timeout_s=self.config.timeout_s)
+                log.info("%s: region %s ready (%d bytes)", name, region.path, region.size)
+            self._server = ControlServer(
+                self.config.socket_path,
+                self._selector,
+                self._on_request,
+                max_body=0,
+            )
+        except BaseException:
+            self.close()
+            raise
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+
+    def install_signal_handlers(self) -> None:
+        """SIGINT and SIGTERM stop the loop cleanly."""
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        """Fail pending gestures, wipe the global clipboard and every region, release all."""
+        for vm_name, gesture in list(self._gestures.items()):
+            gesture.conn.reply({"ok": False, "message": f"{vm_name}: the broker is shutting down"})
+        self._gestures.clear()
+        self.clipboard.wipe()
+        for vm in self.vms.values():
+            vm.shutdown(unlink=self.config.unlink_on_exit)
+        self.vms.clear()
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+        self._lock.release()
+
+    # The loop --------------------------------------------------------------
+    def run(self) -> None:
+        backoff = Backoff(max_sleep_s=self.config.idle_wait_s)
+        next_beat = 0.0
+        log.info("broker serving %s on %s", ", ".join(self.vms), self.config.socket_path)
+        while not self._stopping:
+            now = time.monotonic()
+            moved = self.poll_once(now)
+            if now >= next_beat:
+                for vm in self.vms.values():
+                    vm.beat()
+                next_beat = now + layout.HEARTBEAT_PERIOD_S
+                if self._server is not None:
+                    self._server.expire(now)
+            if moved:
+                backoff.reset()
+            busy = any(vm.busy for vm in self.vms.values())
+            wait = backoff.next_wait(cap_s=0.001 if busy else None)
+            for key, _ in self._selector.select(wait):
+                key.data()
+
+    def poll_once(self, now: float) -> bool:
+        """Service every VM once; returns whether any records moved."""
+        moved = False
+        for vm in self.vms.values():
+            did_move, events = vm.service(now)
+            moved |= did_move
+            for event in events:
+                self._on_event(vm, event)
+        return moved
+
+    # Gestures --------------------------------------------------------------
+    def _on_request(self, conn: Connection, frame: Frame) -> None:
+        op = frame.header.get("op")
+        vm_name = frame.header.get("vm")
+        if op == "status":
+            conn.reply(self.status())
+            return
+        if op not in ("copy", "paste"):
+            conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+            return
+        if not isinstance(vm_name, str) or vm_name not in self.vms:
+            known = ", ".join(self.vms)
+            conn.reply({"ok": False, "message": f"unknown VM {vm_name!r}; this broker serves {known}"})
+            return
+        vm = self.vms[vm_name]
+        refusal = self._refuse_gesture(op, vm)
+        if refusal:
+            log.info("gesture %s %s refused: %s", op, vm_name, refusal)
+            conn.reply({"ok": False, "message": refusal})
+            return
+        transfer_id = secrets.randbits(64) or 1
+        now = time.monotonic()
+        if op == "copy":
+            vm.channel.start_copy(transfer_id, self.config.clipboard_limit, now)
+        else:
+            assert self.clipboard.data is not None
+            vm.channel.start_paste(transfer_id, self.clipboard.data, now)
+        log.info("gesture %s %s started", op, vm_name)
+        self._gestures[vm_name] = _Gesture(op, conn, transfer_id)
+
+    def _refuse_gesture(self, op: str, vm: VmLink) -> str | None:
+        now = time.monotonic()
+        if op == "paste" and self.clipboard.empty:
+            return "nothing to paste: the global clipboard is empty"
+        if vm.name in self._gestures or vm.busy:
+            return f"{vm.name} is busy with another transfer; try again"
+        state = vm.attachment(now)
+        if state is Attachment.ATTACHED:
+            return None
+        if state is Attachment.STALE:
+            age = vm.heartbeat_age(now) or 0.0
+            return f"{vm.name} did not answer: its driver has not responded for {age:.0f} s"
+        if state is Attachment.FAULTY:
+            return f"{vm.name} is faulty ({vm.last_fault}); waiting for its driver to re-attach"
+        return f"{vm.name} did not answer: its driver is not attached"
+
+    def _on_event(self, vm: VmLink, event: HostEvent) -> None:
+        gesture = self._gestures.get(vm.name)
+        if gesture is None or gesture.transfer_id != event.transfer_id:
+            return
+        del self._gestures[vm.name]
+        reply = self._conclude(vm, event)
+        log.info("gesture %s %s: %s", gesture.kind, vm.name, reply["message"])
+        gesture.conn.reply(reply)
+
+    def _conclude(self, vm: VmLink, event: HostEvent) -> dict[str, Any]:
+        timeout = f"{self.config.timeout_s:g}"
+        match event:
+            case CopyCompleted(_, data):
+                if not data:
+                    return {"ok": False, "message": f"{vm.name}'s clipboard is empty; nothing copied"}
+                self.clipboard.take(data, vm.name)
+                return {"ok": True, "message": f"copied {len(data)} bytes from {vm.name}",
+                        "size": len(data)}
+            case CopyFailed(_, FailReason.TOO_LARGE, size):
+                self.clipboard.wipe()
+                return {"ok": False, "message": (
+                    f"{vm.name}'s clipboard ({size} bytes) is over the limit of "
+                    f"{self.config.clipboard_limit} bytes; refused, global clipboard wiped")}
+            case CopyFailed(_, FailReason.EMPTY, _):
+                return {"ok": False, "message": f"{vm.name}'s clipboard is empty; nothing copied"}
+            case CopyFailed(_, FailReason.TIMEOUT, _):
+                return {"ok": False, "message": f"{vm.name} did not answer within {timeout} s"}
+            case CopyFailed(_, reason, _):
+                return {"ok": False, "message": self._failure(vm, "copy from", reason)}
+            case PasteCompleted(_, size):
+                self.clipboard.wipe()
+                return {"ok": True, "message": f"pasted {size} bytes to {vm.name}, global clipboard wiped",
+                        "size": size}
+            case PasteFailed(_, FailReason.TIMEOUT, _):
+                return {"ok": False, "message": (
+                    f"{vm.name} did not confirm the paste within {timeout} s; "
+                    "global clipboard kept")}
+            case PasteFailed(_, reason, _):
+                return {"ok": False, "message": self._failure(vm, "paste to", reason)
+                        + "; global clipboard kept"}
+        return {"ok": False, "message": f"unexpected outcome {event!r}"}
+
+    @staticmethod
+    def _failure(vm: VmLink, what: str, reason: FailReason) -> str:
+        if reason is FailReason.CANCELLED and vm.last_fault:
+            return f"{what} {vm.name} failed: {vm.name} misbehaved ({vm.last_fault})"
+        return f"{what} {vm.name} failed: {reason.value}"
+
+    def status(self) -> dict[str, Any]:
+        """Everything about the VMs and the global clipboard except its content."""
+        now = time.monotonic()
+        vms = []
+        for vm in self.vms.values():
+            age = vm.heartbeat_age(now)
+            vms.append({
+                "name": vm.name,
+                "state": vm.attachment(now).value,
+                "heartbeat_age_s": None if age is None else round(age, 3),
+                "capabilities": vm.channel.capabilities,
+                "transfer": vm.channel.state.value,
+                "dropped": vm.counters.dropped,
+                "faults": vm.counters.faults,
+                "last_fault": vm.last_fault,
+                "region": str(vm.region.path),
+            })
+        clip: dict[str, Any] = {"empty": self.clipboard.empty}
+        if not self.clipboard.empty:
+            clip.update(source=self.clipboard.source, size=self.clipboard.size,
+                        age_s=round(time.time() - self.clipboard.copied_at, 1))
+        return {"ok": True, "message": "status", "vms": vms, "clipboard": clip}

@@ -1,0 +1,200 @@
+"""The broker's link to one VM: its region, its ring ends and its channel.
+
+Everything read from the region is guest-written and hostile: each field is
+read once per look, into private memory, and validated before use.  Any
+invalid ring index, record or protocol step marks the VM faulty: one log line
+with the reason, the transfer in flight fails, and the region is
+re-initialised under a new session (at most once per `REINIT_INTERVAL_S`), so
+its driver can re-attach.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+import secrets
+from dataclasses import dataclass
+
+from protocol.channel import Dropped, FailReason, HostChannel, HostEvent
+from protocol.errors import RemoteProtocolError
+from protocol.messages import CHUNK_HEADER_SIZE, Message
+from protocol.pump import drain, flush
+from shm import layout
+from shm.errors import RingCorruptError
+from shm.region import Region, initialise, wipe
+from shm.ring import RingConsumer, RingProducer
+
+log = logging.getLogger(__name__)
+
+ATTACH_LOOK_S = 0.1
+"""How often the guest's status fields are read while nothing is in flight."""
+STALE_AFTER_S = 2.0
+"""A driver whose heartbeat has not moved for this long counts as gone."""
+REINIT_INTERVAL_S = 1.0
+MAX_RECORDS_PER_SERVICE = 256
+"""Fairness bound: records taken from one VM before serving the next."""
+CHUNK_SIZE = 256 * 1024
+
+
+class Attachment(enum.Enum):
+    NEVER = "never attached"
+    ATTACHED = "attached"
+    STALE = "not responding"
+    FAULTY = "faulty"
+
+
+@dataclass(slots=True)
+class VmCounters:
+    dropped: int = 0
+    faults: int = 0
+    attaches: int = 0
+
+
+class VmLink:
+    """One VM as the broker sees it.  Drive it with :meth:`service`."""
+
+    def __init__(self, name: str, region: Region, *, timeout_s: float) -> None:
+        self.name = name
+        self.region = region
+        self.timeout_s = timeout_s
+        self.counters = VmCounters()
+        self.last_fault = ""
+        self.session_id = b""
+        self._epoch = 0
+        self._heartbeat = 0
+        self._heartbeat_seen_at: float | None = None
+        self._next_look = 0.0
+        self._faulty_until = 0.0
+        self._is_faulty = False
+        self._my_heartbeat = 0
+        self._caps_mirrored = -1
+        self._reinitialise()
+
+    # Setup -----------------------------------------------------------------
+    def _reinitialise(self) -> None:
+        self.session_id = secrets.token_bytes(layout.SESSION_ID_SIZE)
+        geometry = initialise(self.region.mem, self.session_id)
+        self.max_record = geometry.max_record
+        self.consumer = RingConsumer(self.region.mem, geometry.guest_to_host, geometry.max_record)
+        self.producer = RingProducer(self.region.mem, geometry.host_to_guest, geometry.max_record)
+        chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
+        self.channel = HostChannel(chunk_size=chunk, timeout_s=self.timeout_s)
+        self._epoch = 0
+        self._heartbeat_seen_at = None
+        self._caps_mirrored = -1
+
+    # Status ----------------------------------------------------------------
+    def attachment(self, now: float) -> Attachment:
+        if self._is_faulty:
+            return Attachment.FAULTY
+        if self._heartbeat_seen_at is None:
+            return Attachment.NEVER
+        if now - self._heartbeat_seen_at > STALE_AFTER_S:
+            return Attachment.STALE
+        return Attachment.ATTACHED
+
+    def heartbeat_age(self, now: float) -> float | None:
+        return None if self._heartbeat_seen_at is None else now - self._heartbeat_seen_at
+
+    @property
+    def busy(self) -> bool:
+        return self.channel.capabilities != 0
+
+    # The poll --------------------------------------------------------------
+    def service(self, now: float) -> tuple[bool, list[HostEvent]]:
+        """Look at the guest once: attach state, incoming records, outgoing records.
+
+        Returns (whether anything moved, events for the broker).  Never raises
+        for anything the guest wrote.
+        """
+        if self._is_faulty:
+            if now < self._faulty_until:
+                return False, []
+            self._is_faulty = False
+            self._reinitialise()
+            log.info("%s: region re-initialised after a fault; waiting for its driver", self.name)
+        events: list[HostEvent] = []
+        try:
+            if now >= self._next_look or self.busy:
+                events += self._look_at_guest(now)
+                self._next_look = now + ATTACH_LOOK_S
+
+            def deliver(message: Message) -> None:
+                events.extend(self.channel.receive(message, now))
+
+            moved = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE)
+            moved += flush(
+                self.producer,
+                self.channel,
+                lambda: self.channel.output_done(now),
+                max_records=MAX_RECORDS_PER_SERVICE,
+            )
+            events += self.channel.tick(now)
+        except (RingCorruptError, RemoteProtocolError) as exc:
+            events += self.fault(str(exc), now)
+            return True, self._count(events)
+        self._mirror_capabilities()
+        return moved > 0, self._count(events)
+
+    def _count(self, events: list[HostEvent]) -> list[HostEvent]:
+        kept = []
+        for event in events:
+            if isinstance(event, Dropped):
+                self.counters.dropped += 1
+                log.info("%s: dropped an unsolicited %s", self.name, type(event.message).__name__)
+            else:
+                kept.append(event)
+        return kept
+
+    def _look_at_guest(self, now: float) -> list[HostEvent]:
+        mem = self.region.mem
+        session = mem.read(layout.GUEST_SESSION_OFF, layout.SESSION_ID_SIZE)
+        epoch = mem.load_u64(layout.GUEST_EPOCH_OFF)
+        heartbeat = mem.load_u64(layout.GUEST_HEARTBEAT_OFF)
+        if session != self.session_id or epoch == 0:
+            return []  # no driver attached to this session (yet)
+        events: list[HostEvent] = []
+        if epoch != self._epoch:
+            if self._epoch:
+                log.info("%s: driver restarted", self.name)
+                events += self.channel.abort(FailReason.DETACHED)
+            else:
+                log.info("%s: driver attached", self.name)
+            self._epoch = epoch
+            self.counters.attaches += 1
+            self._heartbeat = heartbeat
+            self._heartbeat_seen_at = now
+        elif heartbeat != self._heartbeat:
+            self._heartbeat = heartbeat
+            self._heartbeat_seen_at = now
+        return events
+
+    def beat(self) -> None:
+        """Bump the broker's heartbeat in the region."""
+        self._my_heartbeat += 1
+        self.region.mem.store_u64(layout.BROKER_HEARTBEAT_OFF, self._my_heartbeat)
+
+    def _mirror_capabilities(self) -> None:
+        caps = self.channel.capabilities
+        if caps != self._caps_mirrored:
+            self.region.mem.store_u32(layout.CAPABILITIES_OFF, caps)
+            self._caps_mirrored = caps
+
+    # Faults and teardown ---------------------------------------------------
+    def fault(self, reason: str, now: float) -> list[HostEvent]:
+        """Mark the VM faulty: fail what is in flight, re-initialise its region soon."""
+        log.warning("%s: marked faulty: %s", self.name, reason)
+        self.counters.faults += 1
+        self.last_fault = reason
+        events = self.channel.abort(FailReason.CANCELLED)
+        self._is_faulty = True
+        self._faulty_until = now + REINIT_INTERVAL_S
+        return events
+
+    def shutdown(self, *, unlink: bool) -> None:
+        """Fail what is in flight, wipe the region (no content survives us), unmap."""
+        self.channel.abort(FailReason.CANCELLED)
+        wipe(self.region.mem)
+        if unlink:
+            self.region.unlink()
+        self.region.close()

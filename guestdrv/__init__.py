@@ -1,0 +1,1 @@
+"""The guest userspace driver: attaches to the ivshmem region and serves the broker."""

@@ -1,0 +1,5 @@
+import sys
+
+from guestdrv.cli import main
+
+sys.exit(main())

@@ -1,0 +1,93 @@
+"""``python -m guestdrv`` / ``ivclip-guest``: run the driver; copy and paste (headless)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from control.cli import call, parse_size, report, setup_logging
+from control.errors import ControlError
+from control.sockets import runtime_dir
+from guestdrv.clipboard import HeadlessClipboard
+from guestdrv.driver import GuestDriver
+
+DEFAULT_LIMIT = 16 << 20
+
+
+def default_socket() -> Path:
+    return runtime_dir() / "guest.sock"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m guestdrv",
+        description="ivclip guest driver: serves the broker over the ivshmem region.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--socket", help="driver socket (default: $XDG_RUNTIME_DIR/ivclip/guest.sock)")
+        p.add_argument("--limit", type=parse_size, default=DEFAULT_LIMIT,
+                       help="largest clipboard handled (default 16M)")
+        return p
+
+    run = common(sub.add_parser("run", help="attach to the region and serve the broker"))
+    run.add_argument("--device", type=Path,
+                     help="map this file instead of finding the ivshmem PCI device "
+                          "(a PCI resource2 file, or /dev/shm/ivclip-VM for a host-process guest)")
+    run.add_argument("--log-level", default="info")
+    common(sub.add_parser("copy", help="set the clipboard from standard input (Ctrl-C)"))
+    paste = common(sub.add_parser("paste", help="write the clipboard to standard output (Ctrl-V)"))
+    paste.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                       help="wait up to SECONDS for a non-empty clipboard")
+    common(sub.add_parser("status", help="show the driver's attachment"))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        socket_path = Path(args.socket) if args.socket else default_socket()
+        if args.command == "run":
+            setup_logging(args.log_level)
+            driver = GuestDriver(
+                socket_path=socket_path, clipboard=HeadlessClipboard(), limit=args.limit,
+                device=args.device,
+            )
+            driver.start()
+            driver.install_signal_handlers()
+            try:
+                driver.run()
+            finally:
+                driver.close()
+            return 0
+        if args.command == "copy":
+            data = sys.stdin.buffer.read(args.limit + 1)
+            if len(data) > args.limit:
+                print(f"error: the content is over the limit of {args.limit} bytes; "
+                      "clipboard unchanged", file=sys.stderr)
+                return 1
+            reply, _ = call(socket_path, {"op": "copy"}, data, timeout_s=30, service="guest driver")
+            return report(reply)
+        if args.command == "paste":
+            deadline = time.monotonic() + args.wait
+            while True:
+                reply, body = call(socket_path, {"op": "paste"}, timeout_s=30,
+                                   max_body=args.limit, service="guest driver")
+                if reply.get("ok") or time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+            if not reply.get("ok"):
+                return report(reply)
+            sys.stdout.buffer.write(body)
+            sys.stdout.buffer.flush()
+            return 0
+        reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="guest driver")
+        return report(reply, as_json=True)
+    except ControlError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130

@@ -1,0 +1,259 @@
+"""The guest driver: attaches to the region, answers the broker, serves local clients.
+
+One thread, one selector, like the broker.  The driver trusts the broker no
+more than it must: ring indices and records are validated by the ring and
+the protocol; any inconsistency detaches and re-attaches.  It re-attaches on
+its own when the broker re-initialises the region (a new session id), e.g.
+after a broker restart.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import selectors
+import signal
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from control.framing import Frame
+from control.server import Connection, ControlServer
+from guestdrv.clipboard import ClipboardBackend
+from guestdrv.device import pick_device
+from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, PasteReceived
+from protocol.errors import RemoteProtocolError
+from protocol.messages import CHUNK_HEADER_SIZE, Message
+from protocol.pump import drain, flush
+from shm import layout
+from shm.backoff import Backoff
+from shm.errors import LayoutError, RegionError, RingCorruptError
+from shm.region import Identity, Region, read_identity, read_session_id
+from shm.ring import RingConsumer, RingProducer
+
+log = logging.getLogger(__name__)
+
+DRIVER_VERSION = 1
+RETRY_ATTACH_S = 0.5
+SESSION_LOOK_S = 0.1
+CHUNK_SIZE = 256 * 1024
+MAX_RECORDS = 256
+
+
+class _Attached:
+    """What exists only while attached to one broker session."""
+
+    def __init__(self, region: Region, identity: Identity, limit: int) -> None:
+        self.region = region
+        self.identity = identity
+        geometry = identity.geometry
+        mem = region.mem
+        self.producer = RingProducer(
+            mem, geometry.guest_to_host, geometry.max_record,
+            start_index=mem.load_u64(layout.G2H_TAIL_OFF) & ~7,
+        )
+        self.consumer = RingConsumer(
+            mem, geometry.host_to_guest, geometry.max_record,
+            start_index=mem.load_u64(layout.H2G_TAIL_OFF) & ~7,  # skip anything left for an older driver
+        )
+        mem.store_u64(layout.H2G_HEAD_OFF, self.consumer.head)  # hand that space back
+        chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
+        self.channel = GuestChannel(chunk_size=chunk, limit=limit)
+        self.heartbeat = 1
+        mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(64) or 1)
+        mem.store_u64(layout.GUEST_HEARTBEAT_OFF, self.heartbeat)
+        mem.store_u32(layout.GUEST_VERSION_OFF, DRIVER_VERSION)
+        mem.write(layout.GUEST_SESSION_OFF, identity.session_id)  # last: now the broker may talk
+
+
+class GuestDriver:
+    def __init__(
+        self,
+        *,
+        socket_path: Path,
+        clipboard: ClipboardBackend,
+        limit: int,
+        device: Path | None = None,
+        idle_wait_s: float = 0.02,
+    ) -> None:
+        self.socket_path = socket_path
+        self.clipboard = clipboard
+        self.limit = limit
+        self.device = device
+        self.idle_wait_s = idle_wait_s
+        self.dropped = 0
+        self.copies_answered = 0
+        self.pastes_received = 0
+        self._attached: _Attached | None = None
+        self._device_in_use: Path | None = None
+        self._waiting_reason = ""
+        self._next_attach = 0.0
+        self._next_session_look = 0.0
+        self._next_beat = 0.0
+        self._stopping = False
+        self._selector = selectors.DefaultSelector()
+        self._server: ControlServer | None = None
+        self._wake_r, self._wake_w = socket.socketpair()
+
+    # Lifetime --------------------------------------------------------------
+    def start(self) -> None:
+        """Listen on the local socket.  Raises ControlError if it cannot."""
+        self._server = ControlServer(
+            self.socket_path, self._selector, self._on_request, max_body=self.limit
+        )
+        self._wake_r.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+
+    def install_signal_handlers(self) -> None:
+        self._wake_w.setblocking(False)
+        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+
+    def stop(self) -> None:
+        self._stopping = True
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def close(self) -> None:
+        self._detach("driver stopping")
+        if self._server is not None:
+            self._server.close()
+            self._server = None
+
+    def run(self) -> None:
+        backoff = Backoff(max_sleep_s=self.idle_wait_s)
+        while not self._stopping:
+            now = time.monotonic()
+            if self.poll_once(now):
+                backoff.reset()
+            wait = backoff.next_wait() if self._attached else min(RETRY_ATTACH_S, 0.1)
+            for key, _ in self._selector.select(wait):
+                key.data()
+
+    # Attachment ------------------------------------------------------------
+    def _try_attach(self, now: float) -> None:
+        self._next_attach = now + RETRY_ATTACH_S
+        path = self.device
+        reason = ""
+        if path is None:
+            path, reason = pick_device()
+        region = None
+        try:
+            if path is None:
+                raise LayoutError(reason)
+            region = Region.attach(path)
+            identity = read_identity(region.mem)
+            self._attached = _Attached(region, identity, self.limit)
+        except (RegionError, LayoutError) as exc:
+            if region is not None:
+                region.close()
+            if str(exc) != self._waiting_reason:
+                log.info("waiting for the broker: %s", exc)
+                self._waiting_reason = str(exc)
+            return
+        self._device_in_use = path
+        self._waiting_reason = ""
+        log.info("attached to %s (session %s)", path, identity.session_id.hex()[:8])
+
+    def _detach(self, why: str) -> None:
+        if self._attached is None:
+            return
+        log.info("detached: %s", why)
+        self._attached.region.close()
+        self._attached = None
+
+    # The poll --------------------------------------------------------------
+    def poll_once(self, now: float) -> bool:
+        if self._attached is None:
+            if now >= self._next_attach:
+                self._try_attach(now)
+            return False
+        att = self._attached
+        mem = att.region.mem
+        if now >= self._next_session_look:
+            self._next_session_look = now + SESSION_LOOK_S
+            magic = mem.load_u64(layout.MAGIC_OFF).to_bytes(8, "little")
+            if magic != layout.MAGIC or read_session_id(mem) != att.identity.session_id:
+                self._detach("the broker re-initialised or left the region")
+                self._next_attach = now  # re-attach at once if a new session is there
+                return False
+        if now >= self._next_beat:
+            att.heartbeat += 1
+            mem.store_u64(layout.GUEST_HEARTBEAT_OFF, att.heartbeat)
+            self._next_beat = now + layout.HEARTBEAT_PERIOD_S
+        events: list[GuestEvent] = []
+
+        def deliver(message: Message) -> None:
+            events.extend(att.channel.receive(message))
+
+        try:
+            moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
+            for event in events:
+                self._on_event(att, event)
+            moved += flush(att.producer, att.channel, att.channel.output_done, max_records=MAX_RECORDS)
+        except (RingCorruptError, RemoteProtocolError) as exc:
+            log.warning("the broker's side of the region is inconsistent (%s); re-attaching", exc)
+            self._detach(str(exc))
+            return False
+        return moved > 0
+
+    def _on_event(self, att: _Attached, event: GuestEvent) -> None:
+        match event:
+            case CopyRequested(transfer_id, limit):
+                data = self.clipboard.get()
+                att.channel.answer_copy(transfer_id, data)
+                self.copies_answered += 1
+                size = len(data) if data else 0
+                if size > limit:
+                    log.info("copy request: clipboard of %d bytes is over the limit %d", size, limit)
+                else:
+                    log.info("copy request: answered with %d bytes", size)
+            case PasteReceived(transfer_id, data):
+                self.clipboard.set(bytes(data))
+                att.channel.confirm_paste(transfer_id)
+                self.pastes_received += 1
+                log.info("paste: installed %d bytes as the clipboard", len(data))
+            case Dropped(message):
+                self.dropped += 1
+                log.info("dropped an unexpected %s", type(message).__name__)
+
+    # Local clients ----------------------------------------------------------
+    def _on_request(self, conn: Connection, frame: Frame) -> None:
+        op = frame.header.get("op")
+        if op == "copy":
+            self.clipboard.set(frame.body)
+            conn.reply({"ok": True, "message": f"clipboard set ({len(frame.body)} bytes)"})
+        elif op == "paste":
+            data = self.clipboard.get()
+            if data is None:
+                conn.reply({"ok": False, "message": "the clipboard is empty"})
+            else:
+                conn.reply({"ok": True, "message": f"{len(data)} bytes"}, data)
+        elif op == "status":
+            conn.reply(self.status())
+        else:
+            conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+
+    def status(self) -> dict[str, Any]:
+        att = self._attached
+        return {
+            "ok": True,
+            "message": "status",
+            "attached": att is not None,
+            "device": str(self._device_in_use) if att else None,
+            "session": att.identity.session_id.hex()[:8] if att else None,
+            "waiting_for": self._waiting_reason or None,
+            "capabilities": att.region.mem.load_u32(layout.CAPABILITIES_OFF) if att else 0,
+            "copies_answered": self.copies_answered,
+            "pastes_received": self.pastes_received,
+            "dropped": self.dropped,
+            "pid": os.getpid(),
+        }

@@ -1,0 +1,15 @@
+"""Errors of the clipboard protocol (see shm.errors for the whole tree)."""
+
+from shm.errors import IvclipError
+
+
+class ProtocolError(IvclipError):
+    """The clipboard protocol cannot go on as asked."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We asked for something the current state does not allow (our bug or a busy channel)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent a record that is malformed or breaks the protocol."""

@@ -1,0 +1,84 @@
+"""Moving messages between a channel and a pair of ring ends.
+
+Duck-typed over the ring API (``poll`` / ``try_push`` / ``publish`` /
+``release``) so that this module stays free of shared memory and cffi; both
+the broker and the guest driver use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from protocol.messages import Message, decode, encode
+
+
+class RecordLike(Protocol):
+    @property
+    def kind(self) -> int: ...
+    @property
+    def payload(self) -> bytes: ...
+
+
+class RecordSource(Protocol):
+    def poll(self, *, release: bool = True) -> RecordLike | None: ...
+    def release(self) -> None: ...
+
+
+class RecordSink(Protocol):
+    def try_push(
+        self, kind: int, parts: Sequence[bytes | bytearray | memoryview], *, publish: bool = True
+    ) -> bool: ...
+    def publish(self) -> None: ...
+
+
+class Outgoing(Protocol):
+    def next_output(self) -> Message | None: ...
+
+
+def drain(
+    source: RecordSource, deliver: Callable[[Message], None], *, max_records: int
+) -> int:
+    """Decode and deliver up to `max_records` records; returns how many.
+
+    Space is handed back to the producer once, at the end (batching).
+
+    Raises:
+        RingCorruptError: from the ring, when the peer's indices or headers are invalid.
+        RemoteProtocolError: a record does not decode, or `deliver` rejects it.
+    """
+    count = 0
+    try:
+        while count < max_records:
+            record = source.poll(release=False)
+            if record is None:
+                break
+            count += 1
+            deliver(decode(record.kind, record.payload))
+    finally:
+        source.release()
+    return count
+
+
+def flush(sink: RecordSink, channel: Outgoing, done: Callable[[], None], *, max_records: int) -> int:
+    """Push the channel's pending messages while the ring has room; publish once.
+
+    `done` is called after each message is in the ring.  Returns how many were pushed.
+
+    Raises:
+        RingCorruptError: the consumer's index is invalid.
+    """
+    count = 0
+    try:
+        while count < max_records:
+            message = channel.next_output()
+            if message is None:
+                break
+            kind, parts = encode(message)
+            if not sink.try_push(kind, parts, publish=False):
+                break
+            done()
+            count += 1
+    finally:
+        sink.publish()
+    return count
