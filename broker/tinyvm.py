@@ -12,6 +12,9 @@ What the guest script sees:
   changes made while the guest runs may not be seen).
 * ``/tmp/ivclip-out``  -- the host ``out_dir``, writable.  Write results here.
 * ``/tmp``, ``/run``, ``/dev/shm`` -- guest-private tmpfs.  ``HOME`` is ``/tmp``.
+  Exception: a script kept under the host's /tmp (e.g. pytest's tmp_path) gets its
+  own directory bind-mounted read-only at the same path, so it and its siblings
+  are found; the rest of the host /tmp is hidden.
 * ``/proc``, ``/sys``, ``/dev`` -- the guest's own.
 * the ivshmem device (when ``shm_path`` is given): the PCI function under
   ``/sys/bus/pci/devices`` whose ``vendor`` is 0x1af4 and ``device`` 0x1110; its
@@ -21,12 +24,22 @@ The console (``TinyVm.console_log``, in ``out_dir``) gets ``IVCLIP-SCRIPT-START`
 before the script runs and ``IVCLIP-SCRIPT-EXIT <code>`` after it; the guest then
 powers off, so QEMU exits 0 whatever the script did (see ``script_exit_code``).
 
-KVM is used only where it is real (vmx/svm, not kvm_pvm); otherwise TCG, where a
-boot to script start takes roughly 5-10 s.
+KVM is used only where it is real (vmx/svm, not kvm_pvm); otherwise TCG with
+``-cpu max`` (numpy >= 2.4 dies with SIGILL on the default qemu64 model).  Under
+TCG on 2 cores a boot to script start takes about 2-2.5 s, 3.5-4 s with three
+guests at once.  Usage::
+
+    assets = ensure_assets()
+    with TinyVm("demo", assets, script=path, shm_path=None, shm_size=None,
+                out_dir=out) as vm:
+        vm.start()
+        vm.wait()                   # QEMU's exit code
+        vm.script_exit_code()       # the script's
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import gzip
 import hashlib
@@ -45,6 +58,7 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +69,7 @@ MODULES = (
     "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p",
 )
 _BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox")
+_NO_BUSYBOX = "no statically linked busybox found (apt-get install busybox-static)"
 
 # Runs as PID 1 in the initramfs.  Every failure path ends in poweroff so QEMU
 # exits promptly instead of idling until the host-side timeout.
@@ -64,30 +79,39 @@ _INIT = r"""#!/bin/busybox sh
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 mount -t devtmpfs devtmpfs /dev
 exec </dev/console >/dev/console 2>&1
+mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 die() { echo "IVCLIP-INIT-ERROR $*"; echo "IVCLIP-SCRIPT-EXIT 255"; poweroff -f; }
 loaded=""
-for m in MODULES; do
+for m in @MODULES@; do
   [ -f /lib/modules/$m.ko ] || continue
   insmod /lib/modules/$m.ko && loaded="$loaded $m" || echo "IVCLIP-INIT-WARN insmod $m failed"
 done
 echo "IVCLIP-MODULES$loaded"
+[ -n "$ivclip_script" ] || die "no ivclip_script= on the kernel command line"
 o=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o ro,cache=loose,$o hostroot /newroot || die "cannot mount host root"
-for d in proc sys dev; do mount -o bind /$d /newroot/$d || die "cannot bind /$d"; done
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "cannot mount /tmp"
+for d in proc sys dev; do mount -o rbind /$d /newroot/$d || die "cannot bind /$d"; done
 mount -t tmpfs -o mode=755 tmpfs /newroot/run || die "cannot mount /run"
-mkdir -p /dev/shm && mount -t tmpfs -o mode=1777 tmpfs /dev/shm
-mkdir OUT_MOUNT_NR && mount -t 9p -o $o ivclipout OUT_MOUNT_NR || die "cannot mount out share"
-[ -n "$ivclip_script" ] || die "no ivclip_script= on the kernel command line"
+# The guest /tmp is a fresh tmpfs, which would hide a script kept in the host's /tmp
+# (pytest's tmp_path): keep the host /tmp reachable, then bind the script's own
+# directory (or, directly in /tmp, the script alone) back at its host path.
+mount -o bind /newroot/tmp /hosttmp || die "cannot bind host /tmp"
+mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "cannot mount /tmp"
+mkdir @OUT@ && mount -t 9p -o $o ivclipout @OUT@ || die "cannot mount out share"
+s=$ivclip_script d=${ivclip_script%/*}
+case "$s" in
+  /tmp/*/*) mkdir -p /newroot$d && mount -o bind /hosttmp${d#/tmp} /newroot$d ;;
+  /tmp/*) touch /newroot$s && mount -o bind /hosttmp${s#/tmp} /newroot$s ;;
+esac || die "cannot bind the script's directory from the host /tmp"
 echo "IVCLIP-SCRIPT-START $(cut -d' ' -f1 /proc/uptime)"
 HOME=/tmp PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-  chroot /newroot /bin/sh "$ivclip_script"
+  chroot /newroot /bin/sh "$s"
 echo "IVCLIP-SCRIPT-EXIT $?"
 sync
 poweroff -f
-""".replace("MODULES", " ".join(MODULES)).replace("OUT_MOUNT_NR", "/newroot" + OUT_MOUNT)
+""".replace("@MODULES@", " ".join(MODULES)).replace("@OUT@", "/newroot" + OUT_MOUNT)
 
 # Kernel parameters: quiet serial console, exit on panic (with -no-reboot), and
 # skip probing that only costs time under TCG.
@@ -99,7 +123,8 @@ _CMDLINE = (
 
 
 class TinyVmUnavailable(Exception):
-    """Raised with a clear, user-facing reason when QEMU, the kernel package or busybox cannot be had."""
+    """Raised with a clear, user-facing reason when QEMU, the kernel package or busybox
+    cannot be had."""
 
 
 # --------------------------------------------------------------------------- host checks
@@ -108,9 +133,9 @@ def _elf_is_static(path: Path) -> bool:
     """True if the ELF at ``path`` has no PT_INTERP (no dynamic loader). Raises OSError."""
     with open(path, "rb") as f:
         hdr = f.read(64)
-        if hdr[:4] != b"\x7fELF" or hdr[4] != 2:  # 64-bit ELF only: we only run on x86_64
+        if hdr[:6] != b"\x7fELF\x02\x01":  # 64-bit little-endian: we only run on x86_64
             return False
-        order = "little" if hdr[5] == 1 else "big"
+        order: Literal["little"] = "little"
         phoff = int.from_bytes(hdr[32:40], order)
         phentsize = int.from_bytes(hdr[54:56], order)
         phnum = int.from_bytes(hdr[56:58], order)
@@ -133,18 +158,24 @@ def _find_busybox() -> Path | None:
 
 
 def qemu_unavailable_reason() -> str | None:
-    """None if QEMU and a static busybox are present, else a reason. Never raises, never downloads."""
+    """None if QEMU and a static busybox are present, else a reason.
+
+    Never raises, never downloads.
+    """
     if not shutil.which(QEMU):
         return f"{QEMU} not found (apt-get install qemu-system-x86)"
     if not shutil.which("timeout"):
         return "coreutils 'timeout' not found"
     if _find_busybox() is None:
-        return "no statically linked busybox found (apt-get install busybox-static)"
+        return _NO_BUSYBOX
     return None
 
 
 def _kvm_usable(cpuinfo: str, pvm_loaded: bool, dev_kvm_rw: bool) -> bool:
-    """Pure decision behind accel_args(). kvm_pvm (nested, software) crawls and dies, so never use it."""
+    """Pure decision behind accel_args(). Never raises.
+
+    kvm_pvm (a software nested hypervisor) crawls and dies on stock kernels: never use it.
+    """
     flags = set()
     for line in cpuinfo.splitlines():
         if line.startswith("flags"):
@@ -213,7 +244,10 @@ def _cpio_newc(entries: list[tuple[str, int, bytes, int, int]]) -> bytes:
 
 
 def _read_module(path: Path) -> bytes:
-    """Module bytes, decompressed if .ko.xz/.ko.gz (busybox insmod wants plain ELF). Raises OSError, LZMAError."""
+    """Module bytes, decompressed if .ko.xz/.ko.gz (busybox insmod wants plain ELF).
+
+    Raises OSError, lzma.LZMAError, gzip.BadGzipFile.
+    """
     data = path.read_bytes()
     if path.name.endswith(".xz"):
         return lzma.decompress(data)
@@ -225,12 +259,13 @@ def _read_module(path: Path) -> bytes:
 def _build_initramfs(busybox: Path, modules: dict[str, bytes]) -> bytes:
     """Gzipped cpio of busybox, modules and /init, byte-for-byte reproducible. Raises OSError."""
     d, f = stat.S_IFDIR | 0o755, stat.S_IFREG
-    entries = [(n, d, b"", 0, 0) for n in ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")]
+    dirs = ("bin", "dev", "proc", "sys", "newroot", "hosttmp", "lib", "lib/modules")
+    entries = [(n, d, b"", 0, 0) for n in dirs]
     # Without /dev/console in the archive, PID 1 would start with no stdio at all.
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", 5, 1))
     entries.append(("bin/busybox", f | 0o755, busybox.read_bytes(), 0, 0))
     entries.append(("init", f | 0o755, _INIT.encode(), 0, 0))
-    entries += [(f"lib/modules/{m}.ko", f | 0o644, data, 0, 0) for m, data in sorted(modules.items())]
+    entries += [(f"lib/modules/{m}.ko", f | 0o644, ko, 0, 0) for m, ko in sorted(modules.items())]
     return gzip.compress(_cpio_newc(entries), compresslevel=6, mtime=0)
 
 
@@ -242,27 +277,40 @@ def _run(cmd: list[str], cwd: Path | None = None) -> subprocess.CompletedProcess
     """Run a host tool; raises TinyVmUnavailable with its stderr if it fails or is missing."""
     if not shutil.which(cmd[0]):
         raise TinyVmUnavailable(f"{cmd[0]} not found: tinyvm needs a Debian-style host with apt")
-    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    try:
+        res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=600)
+    except subprocess.TimeoutExpired:
+        raise TinyVmUnavailable(f"{' '.join(cmd)} took over 600 s") from None
     if res.returncode != 0:
-        raise TinyVmUnavailable(f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
+        raise TinyVmUnavailable(
+            f"{' '.join(cmd)} failed ({res.returncode}): {res.stderr.strip()[-2000:]}")
     return res
 
 
 def _newest_kernel_package() -> str:
-    """Newest plain linux-image-<ver>-amd64 apt knows (not cloud/rt/dbg). Raises TinyVmUnavailable."""
+    """Newest plain linux-image-<ver>-amd64 apt knows (not cloud/rt/dbg).
+
+    Raises TinyVmUnavailable.
+    """
     out = _run(["apt-cache", "search", "--names-only", r"^linux-image-[0-9].*-amd64$"]).stdout
     names = [line.split(" ", 1)[0] for line in out.splitlines()]
     names = [n for n in names if re.fullmatch(r"linux-image-[0-9][0-9.]*-[0-9]+-amd64", n)]
     if not names:
-        raise TinyVmUnavailable("apt knows no linux-image-<version>-amd64 package (run 'apt-get update')")
+        raise TinyVmUnavailable(
+            "apt knows no linux-image-<version>-amd64 package (run 'apt-get update')")
     return max(names, key=_version_key)
 
 
-def _fetch_kernel(kdir: Path) -> None:
-    """Download, unpack and distil the newest Debian kernel into kdir. Raises TinyVmUnavailable."""
+def _fetch_kernel(cache_dir: Path) -> Path:
+    """Download the newest Debian kernel package and distil it into cache_dir/kernel-<ver>.
+
+    Keeps only vmlinux and the few modules the guest needs (the unpacked package is
+    ~400 MB).  Raises TinyVmUnavailable.
+    """
     pkg = _newest_kernel_package()
-    log.info("tinyvm: fetching %s into %s", pkg, kdir.parent)
-    with tempfile.TemporaryDirectory(dir=kdir.parent, prefix=".fetch-") as tmp_s:
+    kdir = cache_dir / f"kernel-{pkg.removeprefix('linux-image-')}"
+    log.info("tinyvm: fetching %s into %s", pkg, cache_dir)
+    with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp_s:
         tmp = Path(tmp_s)
         # As root apt would try to drop to _apt, which cannot write into our cache dir.
         sandbox = ["-o", "APT::Sandbox::User=root"] if os.geteuid() == 0 else []
@@ -282,18 +330,20 @@ def _fetch_kernel(kdir: Path) -> None:
         out = tmp / "kernel"
         (out / "modules").mkdir(parents=True)
         found = {}
-        for ko in (tree / "lib/modules").glob("*/kernel/**/*.ko*"):
-            name = ko.name.split(".ko")[0]
-            if name in MODULES:
-                found[name] = ko
+        for base in ("lib/modules", "usr/lib/modules"):  # the latter on merged-/usr kernels
+            for ko in (tree / base).glob("*/kernel/**/*.ko*"):
+                if ko.name.split(".ko")[0] in MODULES:
+                    found[ko.name.split(".ko")[0]] = ko
         for name, ko in found.items():
             (out / "modules" / f"{name}.ko").write_bytes(_read_module(ko))
         (out / "vmlinux").write_bytes(vmlinux)
         (out / "package").write_text(pkg + "\n")
-        log.info("tinyvm: %s: vmlinux %d bytes, modules: %s", pkg, len(vmlinux), " ".join(sorted(found)))
+        log.info("tinyvm: %s: vmlinux %d bytes, modules: %s",
+                 pkg, len(vmlinux), " ".join(sorted(found)))
         if kdir.exists():
             shutil.rmtree(kdir)
         out.rename(kdir)  # atomic publish: a kernel dir exists only when complete
+    return kdir
 
 
 def ensure_assets(cache_dir: Path | None = None) -> TinyVmAssets:
@@ -310,19 +360,14 @@ def ensure_assets(cache_dir: Path | None = None) -> TinyVmAssets:
     cache_dir.mkdir(parents=True, exist_ok=True)
     busybox = _find_busybox()
     if busybox is None:
-        raise TinyVmUnavailable("no statically linked busybox found (apt-get install busybox-static)")
+        raise TinyVmUnavailable(_NO_BUSYBOX)
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kdirs = sorted(cache_dir.glob("kernel-*"), key=lambda p: _version_key(p.name))
-        if not kdirs:
-            kdir = cache_dir / "kernel-new"
-            _fetch_kernel(kdir)
-            pkg = (kdir / "package").read_text().strip()
-            kdirs = [kdir.rename(cache_dir / f"kernel-{pkg.removeprefix('linux-image-')}")]
-        kdir = kdirs[-1]
+        kdir = kdirs[-1] if kdirs else _fetch_kernel(cache_dir)
         modules = {p.stem: p.read_bytes() for p in (kdir / "modules").glob("*.ko")}
-        # Name the initramfs by its inputs so an edited /init or busybox rebuilds it.
-        digest = hashlib.sha256(_INIT.encode())
+        # Name the initramfs by its inputs (this file included) so edits rebuild it.
+        digest = hashlib.sha256(Path(__file__).read_bytes())
         digest.update(busybox.read_bytes())
         for name in sorted(modules):
             digest.update(name.encode() + modules[name])
@@ -332,6 +377,9 @@ def ensure_assets(cache_dir: Path | None = None) -> TinyVmAssets:
             tmp.write_bytes(_build_initramfs(busybox, modules))
             tmp.rename(initramfs)
             log.info("tinyvm: built %s", initramfs)
+            for stale in cache_dir.glob("initramfs-*.cpio.gz"):
+                if stale != initramfs:
+                    stale.unlink()
     return TinyVmAssets(kernel=kdir / "vmlinux", initramfs=initramfs)
 
 
@@ -368,6 +416,7 @@ class TinyVm:
         self.memory, self.timeout_s = memory, timeout_s
         self._proc: subprocess.Popen[bytes] | None = None
         self._timer: threading.Timer | None = None
+        self._timed_out = False
         self.started_at: float | None = None
 
     @property
@@ -381,9 +430,13 @@ class TinyVm:
 
     def command(self) -> list[str]:
         """The full command line start() runs. Raises OSError if shm_path is unreadable."""
+        accel = accel_args()
+        if "-cpu" not in accel:
+            # TCG's default qemu64 model lacks SSE4/AVX, which current numpy wheels require.
+            accel += ["-cpu", "max"]
         args = [
             "timeout", "--kill-after=2", f"{self.timeout_s:g}",
-            QEMU, *accel_args(),
+            QEMU, *accel,
             "-machine", "pc", "-smp", "1", "-m", self.memory,
             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
             "-chardev", f"file,id=con,path={_q(self.console_log)}", "-serial", "chardev:con",
@@ -394,9 +447,6 @@ class TinyVm:
             "-fsdev", f"local,id=ivclipout,path={_q(self.out_dir)},security_model=none",
             "-device", "virtio-9p-pci,fsdev=ivclipout,mount_tag=ivclipout",
         ]
-        if "-cpu" not in args:
-            # TCG's default qemu64 model lacks SSE4/AVX, which current numpy wheels require.
-            args[args.index("-machine"):args.index("-machine")] = ["-cpu", "max"]
         if self.shm_path is not None:
             size = self.shm_size if self.shm_size is not None else os.path.getsize(self.shm_path)
             args += ["-object", f"memory-backend-file,id=ivshm,size={size},"
@@ -426,17 +476,20 @@ class TinyVm:
         self._timer = threading.Timer(self.timeout_s, self._on_timeout)
         self._timer.daemon = True
         self._timer.start()
-        log.info("tinyvm %s: started pid %d (timeout %gs)", self.name, self._proc.pid, self.timeout_s)
+        log.info("tinyvm %s: started pid %d (timeout %gs)",
+                 self.name, self._proc.pid, self.timeout_s)
 
     def _on_timeout(self) -> None:
         log.warning("tinyvm %s: hit its %gs timeout, killing", self.name, self.timeout_s)
+        self._timed_out = True
         self.kill()
 
     def wait(self, timeout_s: float | None = None) -> int:
         """Wait for QEMU to exit and return its exit code (0 after a normal guest poweroff).
 
         timeout_s defaults to what is left of the guest's own timeout.  Raises
-        RuntimeError if not started, TimeoutError (after killing QEMU) on timeout.
+        RuntimeError if not started, TimeoutError (QEMU killed) if this wait or the
+        guest's timeout_s ran out.
         """
         if self._proc is None or self.started_at is None:
             raise RuntimeError(f"tinyvm {self.name} not started")
@@ -446,10 +499,15 @@ class TinyVm:
             rc = self._proc.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise TimeoutError(f"tinyvm {self.name} still running after {timeout_s:g}s; killed") from None
+            raise TimeoutError(
+                f"tinyvm {self.name} still running after {timeout_s:g}s; killed") from None
         if self._timer:
             self._timer.cancel()
-        log.info("tinyvm %s: exited %d after %.1fs", self.name, rc, time.monotonic() - self.started_at)
+        # 124/137: `timeout` got there a moment before our own timer.
+        if self._timed_out or rc in (124, 137):
+            raise TimeoutError(f"tinyvm {self.name} killed at its {self.timeout_s:g}s timeout")
+        log.info("tinyvm %s: exited %d after %.1fs",
+                 self.name, rc, time.monotonic() - self.started_at)
         return rc
 
     def kill(self) -> None:
@@ -459,10 +517,8 @@ class TinyVm:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:
