@@ -10,11 +10,10 @@ What the guest script sees:
 
 * ``/``                -- the host root, read-only (9p, ``cache=loose``: host-side
   changes made while the guest runs may not be seen).
-* ``/tmp/ivclip-out``  -- the host ``out_dir``, writable.  Write results here.
-* ``/tmp``, ``/run``, ``/dev/shm`` -- guest-private tmpfs.  ``HOME`` is ``/tmp``.
-  Exception: a script kept under the host's /tmp (e.g. pytest's tmp_path) gets its
-  own directory bind-mounted read-only at the same path, so it and its siblings
-  are found; the rest of the host /tmp is hidden.
+* ``/run/ivclip-out``  -- the host ``out_dir``, writable.  Write results here.
+* ``/run``, ``/dev/shm`` -- guest-private tmpfs.  ``HOME`` and ``TMPDIR`` are ``/run``.
+  ``/tmp`` is the host's, read-only like the rest: a project checked out or a
+  script kept under the host's /tmp (pytest's tmp_path) is found there.
 * ``/proc``, ``/sys``, ``/dev`` -- the guest's own.
 * the ivshmem device (when ``shm_path`` is given): the PCI function under
   ``/sys/bus/pci/devices`` whose ``vendor`` is 0x1af4 and ``device`` 0x1110; its
@@ -63,7 +62,7 @@ from typing import Literal
 log = logging.getLogger(__name__)
 
 QEMU = "qemu-system-x86_64"
-OUT_MOUNT = "/tmp/ivclip-out"
+OUT_MOUNT = "/run/ivclip-out"
 MODULES = (
     "virtio_ring", "virtio", "virtio_pci_legacy_dev", "virtio_pci_modern_dev",
     "virtio_pci", "9pnet", "9pnet_virtio", "netfs", "fscache", "9p",
@@ -94,19 +93,10 @@ o=trans=virtio,version=9p2000.L,msize=524288
 mount -t 9p -o ro,cache=loose,$o hostroot /newroot || die "cannot mount host root"
 for d in proc sys dev; do mount -o rbind /$d /newroot/$d || die "cannot bind /$d"; done
 mount -t tmpfs -o mode=755 tmpfs /newroot/run || die "cannot mount /run"
-# The guest /tmp is a fresh tmpfs, which would hide a script kept in the host's /tmp
-# (pytest's tmp_path): keep the host /tmp reachable, then bind the script's own
-# directory (or, directly in /tmp, the script alone) back at its host path.
-mount -o bind /newroot/tmp /hosttmp || die "cannot bind host /tmp"
-mount -t tmpfs -o mode=1777 tmpfs /newroot/tmp || die "cannot mount /tmp"
 mkdir @OUT@ && mount -t 9p -o $o ivclipout @OUT@ || die "cannot mount out share"
-s=$ivclip_script d=${ivclip_script%/*}
-case "$s" in
-  /tmp/*/*) mkdir -p /newroot$d && mount -o bind /hosttmp${d#/tmp} /newroot$d ;;
-  /tmp/*) touch /newroot$s && mount -o bind /hosttmp${s#/tmp} /newroot$s ;;
-esac || die "cannot bind the script's directory from the host /tmp"
+s=$ivclip_script
 echo "IVCLIP-SCRIPT-START $(cut -d' ' -f1 /proc/uptime)"
-HOME=/tmp PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
+HOME=/run TMPDIR=/run PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
   chroot /newroot /bin/sh "$s"
 echo "IVCLIP-SCRIPT-EXIT $?"
 sync
@@ -259,7 +249,7 @@ def _read_module(path: Path) -> bytes:
 def _build_initramfs(busybox: Path, modules: dict[str, bytes]) -> bytes:
     """Gzipped cpio of busybox, modules and /init, byte-for-byte reproducible. Raises OSError."""
     d, f = stat.S_IFDIR | 0o755, stat.S_IFREG
-    dirs = ("bin", "dev", "proc", "sys", "newroot", "hosttmp", "lib", "lib/modules")
+    dirs = ("bin", "dev", "proc", "sys", "newroot", "lib", "lib/modules")
     entries = [(n, d, b"", 0, 0) for n in dirs]
     # Without /dev/console in the archive, PID 1 would start with no stdio at all.
     entries.append(("dev/console", stat.S_IFCHR | 0o600, b"", 5, 1))

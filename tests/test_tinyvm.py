@@ -113,7 +113,7 @@ else:
 with open(dev / "resource2", "r+b") as f, mmap.mmap(f.fileno(), {size}) as m:
     m[0:64] = pattern
     m.flush()
-pathlib.Path("/tmp/ivclip-out/guest-done.txt").write_text(dev.name + "\\n")
+pathlib.Path("/run/ivclip-out/guest-done.txt").write_text(dev.name + "\\n")
 print("ivshmem at", dev.name)
 """
 
