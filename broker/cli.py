@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import grp
+import re
 import shlex
 import sys
 import time
@@ -47,6 +48,12 @@ def _vm_name(text: str) -> str:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def _shm_prefix(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
+        raise argparse.ArgumentTypeError(f"shm prefix {text!r} must be letters, digits, '.', '-', '_'")
+    return text
+
+
 def _group(text: str) -> int:
     try:
         return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
@@ -77,6 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--shm-group", type=_group,
                        help="group of the /dev/shm files (e.g. the group QEMU runs as); "
                             "makes them mode 0660")
+    serve.add_argument("--shm-prefix", default="ivclip-", type=_shm_prefix,
+                       help="name prefix of the /dev/shm files (default ivclip-: /dev/shm/ivclip-VM)")
     serve.add_argument("--unlink-on-exit", action="store_true",
                        help="remove the /dev/shm files on exit (running VMs keep a dead copy)")
     serve.add_argument("--log-level", default="info")
@@ -94,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         p.add_argument("vm", type=_vm_name)
         p.add_argument("--size", type=_region_size, default=layout.DEFAULT_REGION_SIZE)
+        p.add_argument("--shm-prefix", default="ivclip-", type=_shm_prefix)
 
     demo = sub.add_parser("demo", help="run the gated copy-paste with three guests")
     demo.add_argument("--qemu", action="store_true",
@@ -111,6 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         vms=args.vm,
         socket_path=_socket(args),
         region_size=args.size,
+        shm_prefix=args.shm_prefix,
         clipboard_limit=args.clipboard_limit,
         timeout_s=args.timeout,
         unlink_on_exit=args.unlink_on_exit,
@@ -153,10 +164,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(args)
         if args.command == "qemu-args":
-            print(shlex.join(qemu_args(args.vm, args.size)))
+            print(shlex.join(qemu_args(args.vm, args.size, args.shm_prefix)))
             return 0
         if args.command == "libvirt-xml":
-            print(libvirt_xml(args.vm, args.size))
+            print(libvirt_xml(args.vm, args.size, args.shm_prefix))
             return 0
         if args.command == "demo":
             from broker.demo import run_demo
