@@ -42,9 +42,9 @@ def trace_of(content: bytes, haystack: bytes, window: int = 16) -> str | None:
             pieces.setdefault(piece, start)
     for run in re.finditer(rb"[^\x00]+", haystack):
         for at in range(max(0, run.start() - window + 1), run.end()):
-            start = pieces.get(haystack[at : at + window])
-            if start is not None:
-                return f"{window} bytes of it (content offset {start}) at region offset {at}"
+            found = pieces.get(haystack[at : at + window])
+            if found is not None:
+                return f"{window} bytes of it (content offset {found}) at region offset {at}"
     return None
 
 

@@ -33,6 +33,7 @@ from control.sockets import InstanceLock
 from protocol.channel import (
     CopyCompleted,
     CopyFailed,
+    Dropped,
     FailReason,
     HostEvent,
     PasteCompleted,
@@ -234,7 +235,7 @@ class Broker:
 
     def _on_event(self, vm: VmLink, event: HostEvent) -> None:
         gesture = self._gestures.get(vm.name)
-        if gesture is None or gesture.transfer_id != event.transfer_id:
+        if isinstance(event, Dropped) or gesture is None or gesture.transfer_id != event.transfer_id:
             return
         del self._gestures[vm.name]
         reply = self._conclude(vm, event)

@@ -137,7 +137,7 @@ class VmLink:
         return moved > 0, self._count(events)
 
     def _count(self, events: list[HostEvent]) -> list[HostEvent]:
-        kept = []
+        kept: list[HostEvent] = []
         for event in events:
             if isinstance(event, Dropped):
                 self.counters.dropped += 1

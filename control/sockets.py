@@ -68,7 +68,7 @@ def peer_uid(conn: socket.socket) -> int:
     """The uid of the process at the other end of a connected UNIX socket."""
     creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     _pid, uid, _gid = _UCRED.unpack(creds)
-    return uid
+    return int(uid)
 
 
 def peer_allowed(conn: socket.socket) -> bool:

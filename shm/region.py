@@ -22,6 +22,7 @@ mapped size, session id re-read at the end to catch a concurrent re-init).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -160,10 +161,8 @@ class Region:
         """Remove the shared-memory object (broker only).  Mapped VMs keep their copy."""
         if not self.owner:
             raise RegionError("only the broker that created a region may unlink it")
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             posix_ipc.unlink_shared_memory("/" + self.path.name)
-        except posix_ipc.ExistentialError:
-            pass
 
     def still_backed(self) -> bool:
         """True while the backing file still has our size (a truncated file would SIGBUS us)."""
