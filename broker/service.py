@@ -221,7 +221,12 @@ class Broker:
         now = time.monotonic()
         if op == "paste" and self.clipboard.empty:
             return "nothing to paste: the global clipboard is empty"
-        if vm.name in self._gestures or vm.busy:
+        if self._gestures:
+            # One gesture at a time: a copy replaces (and wipes) the global clipboard,
+            # which a paste in flight is still streaming from.
+            other, gesture = next(iter(self._gestures.items()))
+            return f"another gesture is in progress ({gesture.kind} {other}); try again"
+        if vm.busy:
             return f"{vm.name} is busy with another transfer; try again"
         state = vm.attachment(now)
         if state is Attachment.ATTACHED:

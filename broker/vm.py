@@ -173,6 +173,7 @@ class VmLink:
         """Bump the broker's heartbeat in the region."""
         self._my_heartbeat += 1
         self.region.mem.store_u64(layout.BROKER_HEARTBEAT_OFF, self._my_heartbeat)
+        self._caps_mirrored = -1  # the guest may have scribbled over the mirror: rewrite it
 
     def _mirror_capabilities(self) -> None:
         caps = self.channel.capabilities

@@ -10,6 +10,7 @@ import os
 import secrets
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -254,3 +255,19 @@ def test_sigterm_wipes_the_regions(tmp_path: Path) -> None:
     lab.broker = None
     assert not path.exists()  # --unlink-on-exit; and before that it was wiped
     lab.close()
+
+
+def test_one_gesture_at_a_time(lab: HostLab) -> None:
+    region, _ = attach_as(lab, "eve")  # attached, but never answers
+    try:
+        HostLab._wait_for(lambda: eve_state(lab)["state"] == "attached", 5, "eve to attach")
+        outcome: dict[str, tuple[int, str]] = {}
+        waiting = threading.Thread(target=lambda: outcome.update(eve=gesture(lab, "copy", "eve")))
+        waiting.start()
+        HostLab._wait_for(lambda: eve_state(lab)["capabilities"] == 1, 5, "the copy from eve to start")
+        code, line = gesture(lab, "copy", "alice")
+        assert code == 1 and line == "another gesture is in progress (copy eve); try again"
+        waiting.join(30)
+        assert outcome["eve"] == (1, "eve did not answer within 2 s")
+    finally:
+        region.close()
