@@ -1,0 +1,109 @@
+"""The command lines: attach help, argument errors, and a clear line when nothing runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.attach import libvirt_xml, qemu_args
+from broker.errors import ConfigError
+from broker.names import check_vm_name, shm_path
+from control.cli import parse_size
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=60)
+
+
+def test_qemu_args_attach_the_vms_own_region() -> None:
+    assert qemu_args("alice", 4 << 20) == [
+        "-object",
+        "memory-backend-file,id=ivclip-alice,size=4194304,mem-path=/dev/shm/ivclip-alice,share=on",
+        "-device",
+        "ivshmem-plain,memdev=ivclip-alice",
+    ]
+    result = run("-m", "broker", "qemu-args", "bob", "--size", "1M")
+    assert result.returncode == 0
+    assert "mem-path=/dev/shm/ivclip-bob,share=on" in result.stdout and "size=1048576" in result.stdout
+
+
+def test_libvirt_xml_names_the_same_file() -> None:
+    xml = libvirt_xml("alice", 8 << 20)
+    assert "<shmem name='ivclip-alice'>" in xml
+    assert "<model type='ivshmem-plain'/>" in xml and "<size unit='M'>8</size>" in xml
+    assert shm_path("alice").name == "ivclip-alice"
+
+
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "../x", "é", "x" * 49, "host", "a.b"])
+def test_unsafe_vm_names_are_refused(name: str) -> None:
+    with pytest.raises(ConfigError):
+        check_vm_name(name)
+
+
+@pytest.mark.parametrize("name", ["alice", "Bob-2", "vm_01", "x" * 48])
+def test_safe_vm_names_pass(name: str) -> None:
+    assert check_vm_name(name) == name
+
+
+@pytest.mark.parametrize(("text", "size"), [("4M", 4 << 20), ("16MiB", 16 << 20), ("65536", 65536),
+                                            ("1g", 1 << 30), ("8K", 8192)])
+def test_sizes_parse(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("args", [
+    ["serve", "--vm", "alice", "--size", "3M"],
+    ["serve", "--vm", "alice", "--size", "512K"],
+    ["serve", "--vm", "alice", "--size", "lots"],
+    ["serve", "--vm", "../etc/passwd"],
+    ["qemu-args", "a b"],
+    ["frobnicate"],
+])
+def test_bad_arguments_get_a_usage_error_not_a_traceback(args: list[str]) -> None:
+    result = run("-m", "broker", *args)
+    assert result.returncode == 2
+    assert "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_gestures_without_a_broker_say_it_is_not_running(tmp_path: Path) -> None:
+    result = run("-m", "broker", "copy", "alice", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1
+    assert "the broker is not running" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_guest_commands_without_a_driver_say_it_is_not_running(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "guestdrv", "copy", "--socket", str(tmp_path / "none.sock")],
+        input="x", capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "the guest driver is not running" in result.stderr
+    result = run("-m", "guestdrv", "paste", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1 and "the guest driver is not running" in result.stderr
+
+
+def test_guest_copy_over_the_limit_is_refused_before_sending(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "guestdrv", "copy", "--limit", "1K", "--socket",
+         str(tmp_path / "none.sock")],
+        input="x" * 1025, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1 and "over the limit of 1024 bytes" in result.stderr
+
+
+def test_a_guest_driver_on_a_missing_device_waits_with_a_reason(tmp_path: Path) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "guestdrv", "run", "--device", str(tmp_path / "nothing"),
+         "--socket", str(tmp_path / "g.sock")], stderr=subprocess.PIPE, text=True)
+    try:
+        for _ in range(200):
+            if (tmp_path / "g.sock").exists():
+                break
+            time.sleep(0.05)
+        status = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"))
+        assert status.returncode == 0
+        assert '"attached": false' in status.stdout and "cannot open" in status.stdout
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
