@@ -76,8 +76,10 @@ class FrameDecoder:
                 return None
             try:
                 header = json.loads(bytes(self._buffer[:end]), object_pairs_hook=_no_duplicates)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-                raise FrameError(f"request is not valid JSON: {exc}") from exc
+            except (ValueError, RecursionError) as exc:
+                # ValueError covers bad UTF-8, bad JSON and integers too long to convert;
+                # RecursionError, absurd nesting.  Both are the client's garbage.
+                raise FrameError(f"request is not valid JSON: {str(exc)[:200]}") from exc
             if not isinstance(header, dict):
                 raise FrameError("request must be a JSON object")
             size = header.get("body_size", 0)

@@ -235,10 +235,11 @@ class HostChannel:
             LocalProtocolError: a transfer is already in flight on this channel.
         """
         self._require_idle()
+        request = CopyRequest(transfer_id, limit)  # validates before any state changes
         self._begin(transfer_id, now)
         self._limit = limit
         self.state = HostState.AWAIT_COPY
-        self._out.send(CopyRequest(transfer_id, limit))
+        self._out.send(request)
 
     def start_paste(self, transfer_id: int, data: bytes | bytearray, now: float) -> None:
         """Hand `data` to the VM (a paste gesture).  `data` is not copied: keep it
@@ -248,6 +249,7 @@ class HostChannel:
             LocalProtocolError: a transfer is already in flight on this channel.
         """
         self._require_idle()
+        DataBegin(transfer_id, len(data))  # validates before any state changes
         self._begin(transfer_id, now)
         self._paste_size = len(data)
         self.state = HostState.SENDING_PASTE

@@ -102,16 +102,23 @@ class Region:
                 raise RegionError(f"{path} is not a regular shared-memory file")
             if st.st_uid != os.geteuid():
                 raise RegionError(f"{path} belongs to uid {st.st_uid}, not to us ({os.geteuid()})")
-            if st.st_size == 0:
-                os.ftruncate(fd, size)
-            elif st.st_size != size:
+            created = st.st_size == 0
+            if not created and st.st_size != size:
                 raise RegionError(
                     f"{path} exists with {st.st_size} bytes, not {size}; a VM may still map it. "
                     f"Use --size {st.st_size}, or stop the VMs and remove it"
                 )
-            if group is not None:
-                os.fchown(fd, -1, group)
-            os.fchmod(fd, mode)
+            try:
+                if created:
+                    os.ftruncate(fd, size)
+                if group is not None:
+                    os.fchown(fd, -1, group)
+                os.fchmod(fd, mode)
+            except OSError as exc:
+                if created:  # leave nothing behind that we made
+                    with contextlib.suppress(posix_ipc.ExistentialError):
+                        posix_ipc.unlink_shared_memory(name)
+                raise RegionError(f"cannot set up {path}: {exc.strerror or exc}") from exc
         except BaseException:
             os.close(fd)
             raise
