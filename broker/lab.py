@@ -62,11 +62,12 @@ class HostLab:
         self._logs: list[Any] = []
 
     # Processes -------------------------------------------------------------
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / log_name).open("ab")
         self._logs.append(log)
         return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
 
     def region_path(self, vm: str) -> Path:
         return SHM_DIR / f"{self.prefix}{vm}"
@@ -82,10 +83,11 @@ class HostLab:
         self.broker = self._spawn(args, "broker.log")
         self._wait_for(lambda: self.socket.exists(), 20, "the broker's socket")
 
-    def start_guest(self, vm: str, *extra: str) -> None:
+    def start_guest(self, vm: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start `vm`'s driver; `env` replaces the environment (e.g. its own DISPLAY)."""
         self.guests[vm] = self._spawn(
             ["-m", "guestdrv", "run", "--device", str(self.region_path(vm)),
-             "--socket", str(self.guest_socket(vm)), *extra], f"guest-{vm}.log")
+             "--socket", str(self.guest_socket(vm)), *extra], f"guest-{vm}.log", env)
         self._wait_for(lambda: self.guest_socket(vm).exists(), 20, f"{vm}'s driver socket")
 
     def stop_guest(self, vm: str, *, kill: bool = False) -> None:
@@ -160,3 +162,50 @@ class HostLab:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
             time.sleep(interval)
+
+
+class XServer:
+    """A private Xvfb display (each host-process guest gets its own, as a VM would).
+
+    Raises (on start):
+        RuntimeError: Xvfb is missing or did not come up.
+    """
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                ["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "640x480x24"],
+                pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            os.close(read_fd)
+            raise RuntimeError(f"cannot run Xvfb: {exc.strerror or exc}") from exc
+        finally:
+            os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            number = pipe.readline().strip()  # written once the server accepts clients
+        if not number.isdigit():
+            self.close()
+            raise RuntimeError("Xvfb did not report its display number")
+        self.display = f":{number.decode()}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client of this display (no Wayland, no other display)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        return {**env, "DISPLAY": self.display, **extra}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> XServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
