@@ -209,3 +209,93 @@ class XServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class SessionBus:
+    """A private D-Bus session bus (dbus-daemon), so tests never touch the user's desktop.
+
+    Raises (on start):
+        RuntimeError: dbus-daemon is missing or did not come up.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run dbus-daemon: {exc.strerror or exc}") from exc
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().decode().strip()
+        if not self.address:
+            self.close()
+            raise RuntimeError("dbus-daemon did not print its address")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> SessionBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NotificationReceiver:
+    """A minimal org.freedesktop.Notifications service on a bus, recording every Notify call.
+
+    Runs in a thread of the calling process; `received` holds (summary, body, urgency).
+    """
+
+    def __init__(self, bus_address: str) -> None:
+        import threading
+
+        from jeepney.bus_messages import message_bus
+        from jeepney.io.blocking import open_dbus_connection
+
+        self.received: list[tuple[str, str, int]] = []
+        self._conn = open_dbus_connection(bus=bus_address)
+        granted = self._conn.send_and_get_reply(message_bus.RequestName("org.freedesktop.Notifications"))
+        if granted.body != (1,):  # DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER
+            raise RuntimeError(f"could not own the notifications name: {granted.body}")
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from jeepney import MessageType, new_error, new_method_return
+
+        while not self._stopping.is_set():
+            try:
+                msg = self._conn.receive(timeout=0.2)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if msg.header.message_type is not MessageType.method_call:
+                continue
+            from jeepney import HeaderFields
+
+            member = msg.header.fields.get(HeaderFields.member)
+            if member == "Notify":
+                _app, _replaces, _icon, summary, body, _actions, hints, _expire = msg.body
+                self.received.append((summary, body, int(hints.get("urgency", ("y", 1))[1])))
+                self._conn.send(new_method_return(msg, "u", (len(self.received),)))
+            else:
+                self._conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod"))
+
+    def wait_for(self, count: int, timeout: float = 20) -> list[tuple[str, str, int]]:
+        """The notifications once there are at least `count` (fewer after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return list(self.received)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._conn.close()
