@@ -135,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="the VM whose viewer window has the focus (X11 only)")
         p.add_argument("--window-map", type=Path, metavar="FILE",
                        help="TOML rules mapping window class and title to VMs (see broker.windows)")
+        p.add_argument("--notify", action="store_true",
+                       help="also show the outcome as a desktop notification (for shortcut bindings)")
 
     keys = with_socket(sub.add_parser(
         "hotkeys", help="grab the gesture key combinations on the host X server"))
@@ -213,6 +215,22 @@ def _print_status(reply: dict[str, Any]) -> None:
               f"copied {clip['age_s']:.0f} s ago")
 
 
+def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:
+    """Send one copy or paste gesture; print (and optionally notify) the outcome.
+
+    Raises:
+        ConfigError: --focused and the focused window belongs to no VM, or no X11 session.
+    """
+    vm = focused_vm(check_x11_session(), _rules(args.window_map)) if args.focused else args.vm
+    started = time.monotonic()
+    reply, _ = call(socket_path, {"op": args.command, "vm": vm},
+                    timeout_s=GESTURE_MARGIN_S, service="broker")
+    reply.setdefault("elapsed_s", round(time.monotonic() - started, 3))
+    notifier.notify(f"ivclip {args.command}", str(reply.get("message") or "no answer"),
+                    ok=bool(reply.get("ok")))
+    return report(reply)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -241,12 +259,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: name the VM or give --focused (python -m broker {args.command} VM)",
                   file=sys.stderr)
             return 2
-        vm = focused_vm(check_x11_session(), _rules(args.window_map)) if args.focused else args.vm
-        started = time.monotonic()
-        reply, _ = call(socket_path, {"op": args.command, "vm": vm},
-                        timeout_s=GESTURE_MARGIN_S, service="broker")
-        reply.setdefault("elapsed_s", round(time.monotonic() - started, 3))
-        return report(reply)
+        notifier = Notifier(enabled=args.notify, log_outcomes=False)
+        try:
+            return _gesture(args, socket_path, notifier)
+        except (ControlError, ConfigError) as exc:
+            notifier.notify(f"ivclip {args.command}", str(exc), ok=False)
+            raise
+        except SystemExit:  # call() printed why the broker could not be reached
+            notifier.notify(f"ivclip {args.command}", "the broker is not reachable", ok=False)
+            raise
+        finally:
+            notifier.close()
     except (ControlError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

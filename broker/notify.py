@@ -30,8 +30,10 @@ class Notifier:
     """Sends notifications to the session bus (or `bus_address`), reusing one bubble."""
 
     def __init__(self, *, bus_address: str | None = None, expire_ms: int = 6000,
-                 enabled: bool = True) -> None:
+                 enabled: bool = True, log_outcomes: bool = True) -> None:
+        """`log_outcomes`: also log each message (off where the caller prints it already)."""
         self.bus_address = bus_address
+        self.log_outcomes = log_outcomes
         self.expire_ms = expire_ms
         self.enabled = enabled
         self._conn: Any = None
@@ -40,7 +42,8 @@ class Notifier:
 
     def notify(self, summary: str, body: str, *, ok: bool) -> bool:
         """Show one notification; whether the notification daemon took it."""
-        log.log(logging.INFO if ok else logging.WARNING, "%s: %s", summary, body)
+        if self.log_outcomes:
+            log.log(logging.INFO if ok else logging.WARNING, "%s: %s", summary, body)
         if not self.enabled:
             return False
         try:

@@ -254,6 +254,21 @@ def test_copy_and_paste_focused(desk: Desk) -> None:
     assert desk.broker.gestures == [("paste", "bob")]
 
 
+def test_gesture_commands_notify_on_request(desk: Desk) -> None:
+    for args in (["copy", "alice", "--notify"], ["paste", "--focused", "--notify"]):
+        desk.press(desk.impostor)
+        result = subprocess.run([sys.executable, "-m", "broker", *args, "--socket",
+                                 str(desk.tmp / "broker.sock")], capture_output=True, text=True,
+                                env=desk.env(), timeout=60)
+        assert "Traceback" not in result.stderr
+    assert desk.receiver.wait_for(2) == [
+        ("ivclip copy", "fake copy alice", 1),
+        ("ivclip paste",
+         "the focused window belongs to no VM (window of class xterm/XTerm); nothing done", 2),
+    ]
+    assert result.stderr.count("belongs to no VM") == 1  # printed once, not logged again
+
+
 @pytest.mark.parametrize(("args", "env", "message"), [
     (["hotkeys", "--copy", "none", "--paste", "off"], {}, "both the copy and the paste combination"),
     (["hotkeys", "--copy", "ctrl+nosuchkey"], {}, "unknown key 'nosuchkey'"),
