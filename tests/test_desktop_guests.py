@@ -11,6 +11,7 @@ import os
 import shutil
 import struct
 import subprocess
+import sys
 import time
 import zlib
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.lab import HostLab, XServer
+from broker.lab import HostLab, NotificationReceiver, SessionBus, XServer
 
 MISSING = [tool for tool in ("Xvfb", "xclip") if shutil.which(tool) is None]
 pytestmark = pytest.mark.skipif(
@@ -179,3 +180,45 @@ def test_copy_of_an_empty_x_clipboard_says_so(desktop: Desktop, tmp_path: Path) 
     assert desktop.wait_clipboard("carol", "UTF8_STRING", lambda got: got is None, "empty") is None
     code, line = gesture(desktop.lab, "copy", "carol")
     assert (code, line) == (1, "carol's clipboard is empty; nothing copied")
+
+
+def test_the_four_stages_with_real_hotkeys_and_notifications(desktop: Desktop, tmp_path: Path) -> None:
+    """Ctrl-C in alice, Ctrl-Shift-C on alice's viewer window, Ctrl-Shift-V on bob's, Ctrl-V in bob."""
+    if shutil.which("xdotool") is None or shutil.which("dbus-daemon") is None:
+        pytest.skip("xdotool or dbus-daemon not installed (apt-get install xdotool dbus)")
+    pytest.importorskip("Xlib", reason="python-xlib not installed (pip install -e '.[desktop]')")
+    pytest.importorskip("jeepney", reason="jeepney not installed (pip install -e '.[desktop]')")
+    from test_hotkeys import Window, wait_until
+
+    data = "from alice \u2014 by hotkey\r\n".encode() + os.urandom(4).hex().encode()
+    desktop.set_clipboard("alice", data)
+    with XServer() as host, SessionBus() as bus:
+        receiver = NotificationReceiver(bus.address)
+        windows = [Window(host, ("virt-viewer", "Virt-viewer"), "alice - Virt Viewer"),
+                   Window(host, ("qemu-system-x86_64", "Qemu-system-x86_64"), "QEMU (bob)")]
+        env = host.env(DBUS_SESSION_BUS_ADDRESS=bus.address)
+        log = tmp_path / "hotkeys.log"
+        with log.open("wb") as out:
+            daemon = subprocess.Popen(
+                [sys.executable, "-m", "broker", "hotkeys", "--socket", str(desktop.lab.socket),
+                 "--focus-guard-ms", "0"], stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_until(lambda: "hotkeys ready" in log.read_text() or daemon.poll() is not None, "hotkeys")
+            for window, combo in zip(windows, ("ctrl+shift+c", "ctrl+shift+v"), strict=True):
+                subprocess.run(["xdotool", "windowfocus", "--sync", window.id], check=True, env=env)
+                subprocess.run(["xdotool", "key", combo], check=True, env=env)
+                receiver.wait_for(1 if combo.endswith("c") else 2)
+            notes = receiver.wait_for(2)
+            got = desktop.wait_clipboard("bob", "UTF8_STRING", lambda got: got == data, "bob's clipboard")
+        finally:
+            daemon.terminate()
+            daemon.wait(10)
+            for window in windows:
+                window.close()
+            receiver.close()
+    assert notes == [
+        ("ivclip copy", f"copied {len(data)} bytes from alice (text/plain;charset=utf-8)", 1),
+        ("ivclip paste", f"pasted {len(data)} bytes to bob, global clipboard wiped", 1),
+    ], log.read_text()
+    assert got == data
+    assert all(not [e for e in w.events if e.split()[-1].lower() in "cv"] for w in windows)
