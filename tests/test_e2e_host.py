@@ -272,3 +272,41 @@ def test_one_gesture_at_a_time(lab: HostLab) -> None:
         assert outcome["eve"] == (1, "eve did not answer within 2 s")
     finally:
         region.close()
+
+
+def test_a_copy_that_is_not_typed_content_is_refused_without_a_fault(lab: HostLab) -> None:
+    from protocol.messages import CopyRequest, decode
+    from shm.ring import RingConsumer
+
+    region, producer = attach_as(lab, "eve")
+    region.mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(63) + 1)  # a new driver start
+    try:
+        geometry = read_identity(region.mem).geometry
+        consumer = RingConsumer(region.mem, geometry.host_to_guest, geometry.max_record,
+                                start_index=region.mem.load_u64(layout.H2G_TAIL_OFF) & ~7)
+        HostLab._wait_for(lambda: eve_state(lab)["state"] == "attached", 5, "eve to attach")
+        outcome: dict[str, tuple[int, str]] = {}
+        waiting = threading.Thread(target=lambda: outcome.update(eve=gesture(lab, "copy", "eve")))
+        waiting.start()
+        request: list[CopyRequest] = []
+
+        def take_request() -> bool:
+            record = consumer.poll()
+            if record is not None:
+                message = decode(record.kind, record.payload)
+                assert isinstance(message, CopyRequest)
+                request.append(message)
+            return bool(request)
+
+        HostLab._wait_for(take_request, 5, "the copy request")
+        untyped = b"raw bytes from an old or hostile driver"
+        tid = request[0].transfer_id
+        push(producer, DataBegin(tid, len(untyped)), DataChunk(tid, 0, untyped), DataEnd(tid))
+        waiting.join(30)
+        code, line = outcome["eve"]
+        assert code == 1 and line.startswith("eve sent content that is not a valid typed clipboard")
+        assert "refused, global clipboard wiped" in line
+        assert lab.status()["clipboard"] == {"empty": True}
+        assert eve_state(lab)["state"] == "attached"  # the ring protocol was kept: no fault
+    finally:
+        region.close()
