@@ -13,8 +13,20 @@ from typing import Any
 
 from broker.attach import libvirt_xml, qemu_args
 from broker.errors import ConfigError
+from broker.hotkeys import (
+    DEFAULT_COPY,
+    DEFAULT_FOCUS_GUARD_S,
+    DEFAULT_PASTE,
+    HotkeyDaemon,
+    broker_sender,
+    check_x11_session,
+    focused_vm,
+    parse_combo,
+)
 from broker.names import check_vm_name
+from broker.notify import Notifier
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
+from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import call, parse_size, report, setup_logging
 from control.errors import ControlError
 from control.sockets import runtime_dir
@@ -61,6 +73,31 @@ def _group(text: str) -> int:
         raise argparse.ArgumentTypeError(f"no group named {text!r}") from None
 
 
+def _milliseconds(text: str) -> int:
+    if not text.isdigit() or int(text) > 60_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of milliseconds from 0 to 60000")
+    return int(text)
+
+
+def _rules(path: Path | None) -> list[WindowRule]:
+    return list(DEFAULT_RULES) if path is None else load_rules(path)
+
+
+def _hotkeys(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)
+    daemon = HotkeyDaemon(
+        display_name=check_x11_session(), rules=_rules(args.window_map),
+        send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+        copy=parse_combo(args.copy), paste=parse_combo(args.paste),
+        focus_guard_s=args.focus_guard_ms / 1000)
+    daemon.install_signal_handlers()
+    try:
+        daemon.run()
+    finally:
+        daemon.close()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m broker",
@@ -93,7 +130,27 @@ def build_parser() -> argparse.ArgumentParser:
     for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
                        ("paste", "paste gesture: hand the global clipboard to VM, then wipe it")):
         p = with_socket(sub.add_parser(name, help=text))
-        p.add_argument("vm", type=_vm_name)
+        p.add_argument("vm", type=_vm_name, nargs="?", help="the VM (or --focused)")
+        p.add_argument("--focused", action="store_true",
+                       help="the VM whose viewer window has the focus (X11 only)")
+        p.add_argument("--window-map", type=Path, metavar="FILE",
+                       help="TOML rules mapping window class and title to VMs (see broker.windows)")
+        p.add_argument("--notify", action="store_true",
+                       help="also show the outcome as a desktop notification (for shortcut bindings)")
+
+    keys = with_socket(sub.add_parser(
+        "hotkeys", help="grab the gesture key combinations on the host X server"))
+    keys.add_argument("--copy", default=DEFAULT_COPY, metavar="COMBO",
+                      help=f"copy gesture combination (default {DEFAULT_COPY}; 'none' disables it)")
+    keys.add_argument("--paste", default=DEFAULT_PASTE, metavar="COMBO",
+                      help=f"paste gesture combination (default {DEFAULT_PASTE}; 'none' disables it)")
+    keys.add_argument("--focus-guard-ms", type=_milliseconds, default=int(DEFAULT_FOCUS_GUARD_S * 1000),
+                      metavar="MS", help="refuse a paste into a window focused less than MS ago "
+                                         "(default 500; 0 turns the guard off)")
+    keys.add_argument("--window-map", type=Path, metavar="FILE",
+                      help="TOML rules mapping window class and title to VMs (see broker.windows)")
+    keys.add_argument("--no-notify", action="store_true", help="log outcomes instead of notifying")
+    keys.add_argument("--log-level", default="info")
 
     status = with_socket(sub.add_parser("status", help="show VMs and the global clipboard"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -158,6 +215,22 @@ def _print_status(reply: dict[str, Any]) -> None:
               f"copied {clip['age_s']:.0f} s ago")
 
 
+def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:
+    """Send one copy or paste gesture; print (and optionally notify) the outcome.
+
+    Raises:
+        ConfigError: --focused and the focused window belongs to no VM, or no X11 session.
+    """
+    vm = focused_vm(check_x11_session(), _rules(args.window_map)) if args.focused else args.vm
+    started = time.monotonic()
+    reply, _ = call(socket_path, {"op": args.command, "vm": vm},
+                    timeout_s=GESTURE_MARGIN_S, service="broker")
+    reply.setdefault("elapsed_s", round(time.monotonic() - started, 3))
+    notifier.notify(f"ivclip {args.command}", str(reply.get("message") or "no answer"),
+                    ok=bool(reply.get("ok")))
+    return report(reply)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -173,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
             from broker.demo import run_demo
 
             return run_demo(qemu=args.qemu, log_level=args.log_level)
+        if args.command == "hotkeys":
+            return _hotkeys(args)
         socket_path = _socket(args)
         if args.command == "status":
             reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="broker")
@@ -180,12 +255,22 @@ def main(argv: list[str] | None = None) -> int:
                 return report(reply, as_json=args.json)
             _print_status(reply)
             return 0
-        started = time.monotonic()
-        reply, _ = call(socket_path, {"op": args.command, "vm": args.vm},
-                        timeout_s=GESTURE_MARGIN_S, service="broker")
-        reply.setdefault("elapsed_s", round(time.monotonic() - started, 3))
-        return report(reply)
-    except ControlError as exc:
+        if args.focused == (args.vm is not None):
+            print(f"error: name the VM or give --focused (python -m broker {args.command} VM)",
+                  file=sys.stderr)
+            return 2
+        notifier = Notifier(enabled=args.notify, log_outcomes=False)
+        try:
+            return _gesture(args, socket_path, notifier)
+        except (ControlError, ConfigError) as exc:
+            notifier.notify(f"ivclip {args.command}", str(exc), ok=False)
+            raise
+        except SystemExit:  # call() printed why the broker could not be reached
+            notifier.notify(f"ivclip {args.command}", "the broker is not reachable", ok=False)
+            raise
+        finally:
+            notifier.close()
+    except (ControlError, ConfigError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

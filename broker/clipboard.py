@@ -13,6 +13,8 @@ class GlobalClipboard:
     data: bytearray | None = field(default=None, repr=False)
     source: str = ""
     copied_at: float = 0.0  # wall-clock time, for status only
+    types: list[tuple[str, int]] = field(default_factory=list)
+    """(MIME type, size) of each item, from the validated container header."""
 
     @property
     def size(self) -> int:
@@ -22,11 +24,17 @@ class GlobalClipboard:
     def empty(self) -> bool:
         return self.data is None
 
-    def take(self, data: bytearray, source: str) -> None:
+    @property
+    def content_size(self) -> int:
+        """The bytes of the items, without the container's header."""
+        return sum(size for _, size in self.types)
+
+    def take(self, data: bytearray, source: str, types: list[tuple[str, int]]) -> None:
         """Replace the content (the old content is wiped first)."""
         self.wipe()
         self.data = data
         self.source = source
+        self.types = types
         self.copied_at = time.time()
 
     def wipe(self) -> None:
@@ -36,4 +44,5 @@ class GlobalClipboard:
             self.data[:] = bytes(len(self.data))
         self.data = None
         self.source = ""
+        self.types = []
         self.copied_at = 0.0

@@ -62,11 +62,12 @@ class HostLab:
         self._logs: list[Any] = []
 
     # Processes -------------------------------------------------------------
-    def _spawn(self, args: list[str], log_name: str) -> subprocess.Popen[bytes]:
+    def _spawn(self, args: list[str], log_name: str,
+               env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         log = (self.workdir / log_name).open("ab")
         self._logs.append(log)
         return subprocess.Popen([sys.executable, *args], stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+                                stdin=subprocess.DEVNULL, env=env)
 
     def region_path(self, vm: str) -> Path:
         return SHM_DIR / f"{self.prefix}{vm}"
@@ -82,10 +83,11 @@ class HostLab:
         self.broker = self._spawn(args, "broker.log")
         self._wait_for(lambda: self.socket.exists(), 20, "the broker's socket")
 
-    def start_guest(self, vm: str, *extra: str) -> None:
+    def start_guest(self, vm: str, *extra: str, env: dict[str, str] | None = None) -> None:
+        """Start `vm`'s driver; `env` replaces the environment (e.g. its own DISPLAY)."""
         self.guests[vm] = self._spawn(
             ["-m", "guestdrv", "run", "--device", str(self.region_path(vm)),
-             "--socket", str(self.guest_socket(vm)), *extra], f"guest-{vm}.log")
+             "--socket", str(self.guest_socket(vm)), *extra], f"guest-{vm}.log", env)
         self._wait_for(lambda: self.guest_socket(vm).exists(), 20, f"{vm}'s driver socket")
 
     def stop_guest(self, vm: str, *, kill: bool = False) -> None:
@@ -160,3 +162,140 @@ class HostLab:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"timed out after {timeout:g} s waiting for {what}")
             time.sleep(interval)
+
+
+class XServer:
+    """A private Xvfb display (each host-process guest gets its own, as a VM would).
+
+    Raises (on start):
+        RuntimeError: Xvfb is missing or did not come up.
+    """
+
+    def __init__(self) -> None:
+        read_fd, write_fd = os.pipe()
+        try:
+            self.proc = subprocess.Popen(
+                ["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "640x480x24"],
+                pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            os.close(read_fd)
+            raise RuntimeError(f"cannot run Xvfb: {exc.strerror or exc}") from exc
+        finally:
+            os.close(write_fd)
+        with os.fdopen(read_fd, "rb") as pipe:
+            number = pipe.readline().strip()  # written once the server accepts clients
+        if not number.isdigit():
+            self.close()
+            raise RuntimeError("Xvfb did not report its display number")
+        self.display = f":{number.decode()}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client of this display (no Wayland, no other display)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        return {**env, "DISPLAY": self.display, **extra}
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> XServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class SessionBus:
+    """A private D-Bus session bus (dbus-daemon), so tests never touch the user's desktop.
+
+    Raises (on start):
+        RuntimeError: dbus-daemon is missing or did not come up.
+    """
+
+    def __init__(self) -> None:
+        try:
+            self.proc = subprocess.Popen(
+                ["dbus-daemon", "--session", "--nofork", "--nopidfile", "--print-address=1"],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        except OSError as exc:
+            raise RuntimeError(f"cannot run dbus-daemon: {exc.strerror or exc}") from exc
+        assert self.proc.stdout is not None
+        self.address = self.proc.stdout.readline().decode().strip()
+        if not self.address:
+            self.close()
+            raise RuntimeError("dbus-daemon did not print its address")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+    def __enter__(self) -> SessionBus:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class NotificationReceiver:
+    """A minimal org.freedesktop.Notifications service on a bus, recording every Notify call.
+
+    Runs in a thread of the calling process; `received` holds (summary, body, urgency).
+    """
+
+    def __init__(self, bus_address: str) -> None:
+        import threading
+
+        from jeepney.bus_messages import message_bus
+        from jeepney.io.blocking import open_dbus_connection
+
+        self.received: list[tuple[str, str, int]] = []
+        self._conn = open_dbus_connection(bus=bus_address)
+        granted = self._conn.send_and_get_reply(message_bus.RequestName("org.freedesktop.Notifications"))
+        if granted.body != (1,):  # DBUS_REQUEST_NAME_REPLY_PRIMARY_OWNER
+            raise RuntimeError(f"could not own the notifications name: {granted.body}")
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        from jeepney import MessageType, new_error, new_method_return
+
+        while not self._stopping.is_set():
+            try:
+                msg = self._conn.receive(timeout=0.2)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            if msg.header.message_type is not MessageType.method_call:
+                continue
+            from jeepney import HeaderFields
+
+            member = msg.header.fields.get(HeaderFields.member)
+            if member == "Notify":
+                _app, _replaces, _icon, summary, body, _actions, hints, _expire = msg.body
+                self.received.append((summary, body, int(hints.get("urgency", ("y", 1))[1])))
+                self._conn.send(new_method_return(msg, "u", (len(self.received),)))
+            else:
+                self._conn.send(new_error(msg, "org.freedesktop.DBus.Error.UnknownMethod"))
+
+    def wait_for(self, count: int, timeout: float = 20) -> list[tuple[str, str, int]]:
+        """The notifications once there are at least `count` (fewer after `timeout`)."""
+        deadline = time.monotonic() + timeout
+        while len(self.received) < count and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return list(self.received)
+
+    def close(self) -> None:
+        self._stopping.set()
+        self._thread.join(5)
+        self._conn.close()

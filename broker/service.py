@@ -30,6 +30,7 @@ from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
 from control.sockets import InstanceLock
+from protocol import clipformat
 from protocol.channel import (
     CopyCompleted,
     CopyFailed,
@@ -39,6 +40,8 @@ from protocol.channel import (
     PasteCompleted,
     PasteFailed,
 )
+from protocol.errors import ClipFormatError
+from protocol.messages import RefusedBecause
 from shm import layout
 from shm.backoff import Backoff
 from shm.region import Region
@@ -79,6 +82,17 @@ def _forbid_core_dumps() -> None:
         libc.prctl(pr_set_dumpable, 0, 0, 0, 0)
     except OSError:  # not Linux or no libc: nothing to do
         log.debug("could not disable core dumps")
+
+
+_REFUSALS = {
+    RefusedBecause.TEXT_POLICY: "not valid text for {vm} (its text policy)",
+    RefusedBecause.BAD_FORMAT: "{vm}'s driver cannot read the content (an older driver?)",
+    RefusedBecause.CLIPBOARD_FAILED: "{vm}'s clipboard could not take the content",
+}
+
+
+def _kinds(types: list[tuple[str, int]]) -> str:
+    return ", ".join(mime for mime, _ in types)
 
 
 class Broker:
@@ -218,6 +232,9 @@ class Broker:
         self._gestures[vm_name] = _Gesture(op, conn, transfer_id)
 
     def _refuse_gesture(self, op: str, vm: VmLink) -> str | None:
+        # broker/policy.py (the per-VM policy file, built separately) plugs in here: a pure
+        # decision on (op, vm, clipboard source and types) before anything moves.  Its per-VM
+        # text policy is enforced by the receiving driver (guestdrv --text-policy).
         now = time.monotonic()
         if op == "paste" and self.clipboard.empty:
             return "nothing to paste: the global clipboard is empty"
@@ -253,9 +270,19 @@ class Broker:
             case CopyCompleted(_, data):
                 if not data:
                     return {"ok": False, "message": f"{vm.name}'s clipboard is empty; nothing copied"}
-                self.clipboard.take(data, vm.name)
-                return {"ok": True, "message": f"copied {len(data)} bytes from {vm.name}",
-                        "size": len(data)}
+                try:
+                    # Sizes and types only: the broker never interprets the items themselves.
+                    types = clipformat.check_bounds(data)
+                except ClipFormatError as exc:
+                    data[:] = bytes(len(data))
+                    self.clipboard.wipe()
+                    return {"ok": False, "message": (
+                        f"{vm.name} sent content that is not a valid typed clipboard ({exc}); "
+                        "refused, global clipboard wiped")}
+                self.clipboard.take(data, vm.name, types)
+                size = self.clipboard.content_size
+                return {"ok": True, "message": f"copied {size} bytes from {vm.name} ({_kinds(types)})",
+                        "size": size, "types": [mime for mime, _ in types]}
             case CopyFailed(_, FailReason.TOO_LARGE, size):
                 self.clipboard.wipe()
                 return {"ok": False, "message": (
@@ -265,12 +292,18 @@ class Broker:
                 return {"ok": False, "message": f"{vm.name}'s clipboard is empty; nothing copied"}
             case CopyFailed(_, FailReason.TIMEOUT, _):
                 return {"ok": False, "message": f"{vm.name} did not answer within {timeout} s"}
+            case CopyFailed(_, FailReason.REFUSED, _):
+                return {"ok": False, "message": f"{vm.name}'s clipboard could not be read; nothing copied"}
             case CopyFailed(_, reason, _):
                 return {"ok": False, "message": self._failure(vm, "copy from", reason)}
-            case PasteCompleted(_, size):
+            case PasteCompleted(_, _):
+                size = self.clipboard.content_size
                 self.clipboard.wipe()
                 return {"ok": True, "message": f"pasted {size} bytes to {vm.name}, global clipboard wiped",
                         "size": size}
+            case PasteFailed(_, FailReason.REFUSED, _, because) if because in _REFUSALS:
+                return {"ok": False, "message": f"refused: {_REFUSALS[because].format(vm=vm.name)}; "
+                                                "global clipboard kept"}
             case PasteFailed(_, FailReason.TIMEOUT, _):
                 return {"ok": False, "message": (
                     f"{vm.name} did not confirm the paste within {timeout} s; "
@@ -305,6 +338,7 @@ class Broker:
             })
         clip: dict[str, Any] = {"empty": self.clipboard.empty}
         if not self.clipboard.empty:
-            clip.update(source=self.clipboard.source, size=self.clipboard.size,
+            clip.update(source=self.clipboard.source, size=self.clipboard.content_size,
+                        types=[mime for mime, _ in self.clipboard.types],
                         age_s=round(time.time() - self.clipboard.copied_at, 1))
         return {"ok": True, "message": "status", "vms": vms, "clipboard": clip}

@@ -10,14 +10,26 @@ from pathlib import Path
 from control.cli import call, parse_size, report, setup_logging
 from control.errors import ControlError
 from control.sockets import runtime_dir
-from guestdrv.clipboard import HeadlessClipboard
+from guestdrv.clipboard import make_backend
 from guestdrv.driver import GuestDriver
+from guestdrv.errors import ClipboardError
+from protocol.clipformat import TEXT_MIME, TextPolicy
 
 DEFAULT_LIMIT = 16 << 20
 
 
 def default_socket() -> Path:
     return runtime_dir() / "guest.sock"
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value <= 86400:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds between 0 and 86400")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,9 +49,20 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--device", type=Path,
                      help="map this file instead of finding the ivshmem PCI device "
                           "(a PCI resource2 file, or /dev/shm/ivclip-VM for a host-process guest)")
+    run.add_argument("--clipboard", choices=["auto", "x11", "wayland", "headless"], default="auto",
+                     help="the guest clipboard to serve (auto: $WAYLAND_DISPLAY -> wayland, "
+                          "$DISPLAY -> x11, else headless)")
+    run.add_argument("--text-policy", choices=[p.value for p in TextPolicy], default="strict",
+                     help="strict: paste only valid UTF-8 text without control characters "
+                          "(tab, newline and CRLF allowed); permissive: anything (default strict)")
+    run.add_argument("--wipe-after", type=_seconds, metavar="SECONDS",
+                     help="clear the clipboard SECONDS after a paste, if it still holds the paste")
     run.add_argument("--log-level", default="info")
-    common(sub.add_parser("copy", help="set the clipboard from standard input (Ctrl-C)"))
+    copy = common(sub.add_parser("copy", help="set the clipboard from standard input (Ctrl-C)"))
+    copy.add_argument("--type", default=TEXT_MIME, help=f"MIME type of the content (default {TEXT_MIME})")
     paste = common(sub.add_parser("paste", help="write the clipboard to standard output (Ctrl-V)"))
+    paste.add_argument("--type", help="the MIME type wanted (default: text if there is text, "
+                                      "else an image, else the first type)")
     paste.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                        help="wait up to SECONDS for a non-empty clipboard")
     common(sub.add_parser("status", help="show the driver's attachment"))
@@ -52,9 +75,15 @@ def main(argv: list[str] | None = None) -> int:
         socket_path = Path(args.socket) if args.socket else default_socket()
         if args.command == "run":
             setup_logging(args.log_level)
+            try:
+                clipboard = make_backend(args.clipboard)
+            except ClipboardError as exc:
+                print(f"error: {exc}", file=sys.stderr)
+                return 2
             driver = GuestDriver(
-                socket_path=socket_path, clipboard=HeadlessClipboard(), limit=args.limit,
-                device=args.device,
+                socket_path=socket_path, clipboard=clipboard, limit=args.limit,
+                device=args.device, text_policy=TextPolicy(args.text_policy),
+                wipe_after_s=args.wipe_after,
             )
             driver.start()
             driver.install_signal_handlers()
@@ -69,12 +98,14 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: the content is over the limit of {args.limit} bytes; "
                       "clipboard unchanged", file=sys.stderr)
                 return 1
-            reply, _ = call(socket_path, {"op": "copy"}, data, timeout_s=30, service="guest driver")
+            reply, _ = call(socket_path, {"op": "copy", "type": args.type}, data, timeout_s=30,
+                            service="guest driver")
             return report(reply)
         if args.command == "paste":
             deadline = time.monotonic() + args.wait
             while True:
-                reply, body = call(socket_path, {"op": "paste"}, timeout_s=30,
+                header = {"op": "paste"} if args.type is None else {"op": "paste", "type": args.type}
+                reply, body = call(socket_path, header, timeout_s=30,
                                    max_body=args.limit, service="guest driver")
                 if reply.get("ok") or time.monotonic() >= deadline:
                     break

@@ -21,11 +21,14 @@ from typing import Any
 
 from control.framing import Frame
 from control.server import Connection, ControlServer
-from guestdrv.clipboard import ClipboardBackend
+from guestdrv.clipboard import ClipboardBackend, choose_item
 from guestdrv.device import pick_device
+from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from protocol import clipformat
 from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, PasteReceived
-from protocol.errors import RemoteProtocolError
-from protocol.messages import CHUNK_HEADER_SIZE, Message
+from protocol.clipformat import ClipItem, TextPolicy
+from protocol.errors import ClipFormatError, RemoteProtocolError
+from protocol.messages import CHUNK_HEADER_SIZE, Message, RefusedBecause, StatusCode
 from protocol.pump import drain, flush
 from shm import layout
 from shm.backoff import Backoff
@@ -77,10 +80,16 @@ class GuestDriver:
         limit: int,
         device: Path | None = None,
         idle_wait_s: float = 0.02,
+        text_policy: TextPolicy = TextPolicy.STRICT,
+        wipe_after_s: float | None = None,
     ) -> None:
         self.socket_path = socket_path
         self.clipboard = clipboard
         self.limit = limit
+        self.text_policy = text_policy
+        self.wipe_after_s = wipe_after_s
+        self._wipe_at: float | None = None
+        self.pastes_refused = 0
         self.device = device
         self.idle_wait_s = idle_wait_s
         self.dropped = 0
@@ -124,6 +133,7 @@ class GuestDriver:
 
     def close(self) -> None:
         self._detach("driver stopping")
+        self.clipboard.close()
         if self._server is not None:
             self._server.close()
             self._server = None
@@ -172,6 +182,10 @@ class GuestDriver:
 
     # The poll --------------------------------------------------------------
     def poll_once(self, now: float) -> bool:
+        if self._wipe_at is not None and now >= self._wipe_at:
+            self._wipe_at = None
+            if self.clipboard.withdraw():
+                log.info("wiped the pasted content from the clipboard")
         if self._attached is None:
             if now >= self._next_attach:
                 self._try_attach(now)
@@ -208,39 +222,102 @@ class GuestDriver:
     def _on_event(self, att: _Attached, event: GuestEvent) -> None:
         match event:
             case CopyRequested(transfer_id, limit):
-                data = self.clipboard.get()
-                att.channel.answer_copy(transfer_id, data)
-                self.copies_answered += 1
-                size = len(data) if data else 0
-                if size > limit:
-                    log.info("copy request: clipboard of %d bytes is over the limit %d", size, limit)
-                else:
-                    log.info("copy request: answered with %d bytes", size)
+                self._answer_copy(att, transfer_id, limit)
             case PasteReceived(transfer_id, data):
-                self.clipboard.set(bytes(data))
-                att.channel.confirm_paste(transfer_id)
-                self.pastes_received += 1
-                log.info("paste: installed %d bytes as the clipboard", len(data))
+                code, because = self._install(data)
+                att.channel.confirm_paste(transfer_id, code, because)
+                data[:] = bytes(len(data))  # the backend holds its own copy now
             case Dropped(message):
                 self.dropped += 1
                 log.info("dropped an unexpected %s", type(message).__name__)
 
+    def _answer_copy(self, att: _Attached, transfer_id: int, limit: int) -> None:
+        self.copies_answered += 1
+        try:
+            items = self.clipboard.read(limit)
+        except ClipboardTooLarge as exc:
+            log.info("copy request: %s", exc)
+            att.channel.answer_status(transfer_id, StatusCode.TOO_LARGE, exc.size)
+            return
+        except ClipboardError as exc:
+            log.warning("copy request: cannot read the clipboard: %s", exc)
+            att.channel.answer_status(transfer_id, StatusCode.REFUSED, RefusedBecause.CLIPBOARD_FAILED)
+            return
+        if not items:
+            log.info("copy request: the clipboard is empty")
+            att.channel.answer_copy(transfer_id, None)
+            return
+        data = clipformat.encode(items)
+        if len(data) > limit:
+            log.info("copy request: clipboard of %d bytes is over the limit %d", len(data), limit)
+        else:
+            log.info("copy request: answered with %d bytes (%s)", len(data),
+                     ", ".join(item.mime for item in items))
+        att.channel.answer_copy(transfer_id, data)
+
+    def _install(self, data: bytearray) -> tuple[StatusCode, RefusedBecause]:
+        """Validate a paste and install it as the clipboard; the status to answer with."""
+        try:
+            items = clipformat.parse(data)
+        except ClipFormatError as exc:
+            log.warning("paste refused: %s", exc)
+            self.pastes_refused += 1
+            return StatusCode.REFUSED, RefusedBecause.BAD_FORMAT
+        # The hook for the broker's per-VM policy file: it sets `text_policy`; the check
+        # itself stays here, in the receiving guest, and in the pure clipformat module.
+        for item in items:
+            why = clipformat.check_item(item, self.text_policy)
+            if why is not None:
+                log.warning("paste refused by the %s text policy: %s", self.text_policy.value, why)
+                self.pastes_refused += 1
+                return StatusCode.REFUSED, RefusedBecause.TEXT_POLICY
+        try:
+            self.clipboard.write(items)
+        except ClipboardError as exc:
+            log.warning("paste refused: cannot set the clipboard: %s", exc)
+            self.pastes_refused += 1
+            return StatusCode.REFUSED, RefusedBecause.CLIPBOARD_FAILED
+        self.pastes_received += 1
+        log.info("paste: installed %d bytes (%s) as the clipboard", len(data),
+                 ", ".join(item.mime for item in items))
+        if self.wipe_after_s is not None:
+            self._wipe_at = time.monotonic() + self.wipe_after_s
+        return StatusCode.OK, RefusedBecause.UNSPECIFIED
+
     # Local clients ----------------------------------------------------------
     def _on_request(self, conn: Connection, frame: Frame) -> None:
         op = frame.header.get("op")
-        if op == "copy":
-            self.clipboard.set(frame.body)
-            conn.reply({"ok": True, "message": f"clipboard set ({len(frame.body)} bytes)"})
-        elif op == "paste":
-            data = self.clipboard.get()
-            if data is None:
-                conn.reply({"ok": False, "message": "the clipboard is empty"})
+        mime = frame.header.get("type")
+        if mime is not None:
+            try:
+                clipformat.check_mime(str(mime))
+            except ClipFormatError as exc:
+                conn.reply({"ok": False, "message": str(exc)})
+                return
+        try:
+            if op == "copy":
+                self._wipe_at = None  # the user copied something new: not ours to wipe
+                self.clipboard.write([ClipItem(str(mime or clipformat.TEXT_MIME), frame.body)])
+                conn.reply({"ok": True, "message": f"clipboard set ({len(frame.body)} bytes)"})
+            elif op == "paste":
+                items = self.clipboard.read(self.limit)
+                types = [i.mime for i in items]
+                if mime:
+                    chosen = next((i for i in items if i.mime == mime), None)
+                else:
+                    chosen = choose_item(items) if items else None
+                if chosen is None:
+                    what = f"holds no {mime}" if mime and items else "is empty"
+                    conn.reply({"ok": False, "message": f"the clipboard {what}", "types": types})
+                else:
+                    conn.reply({"ok": True, "message": f"{len(chosen.data)} bytes",
+                                "type": chosen.mime, "types": types}, bytes(chosen.data))
+            elif op == "status":
+                conn.reply(self.status())
             else:
-                conn.reply({"ok": True, "message": f"{len(data)} bytes"}, data)
-        elif op == "status":
-            conn.reply(self.status())
-        else:
-            conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+                conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+        except ClipboardError as exc:
+            conn.reply({"ok": False, "message": str(exc)})
 
     def status(self) -> dict[str, Any]:
         att = self._attached
@@ -254,6 +331,9 @@ class GuestDriver:
             "capabilities": att.region.mem.load_u32(layout.CAPABILITIES_OFF) if att else 0,
             "copies_answered": self.copies_answered,
             "pastes_received": self.pastes_received,
+            "pastes_refused": self.pastes_refused,
+            "clipboard": self.clipboard.name,
+            "text_policy": self.text_policy.value,
             "dropped": self.dropped,
             "pid": os.getpid(),
         }

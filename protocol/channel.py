@@ -32,6 +32,7 @@ from protocol.messages import (
     DataChunk,
     DataEnd,
     Message,
+    RefusedBecause,
     Status,
     StatusCode,
 )
@@ -77,6 +78,8 @@ class PasteFailed:
     transfer_id: int
     reason: FailReason
     size: int = 0
+    because: RefusedBecause = RefusedBecause.UNSPECIFIED
+    """Why the receiver refused (REFUSED only)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -356,7 +359,12 @@ class HostChannel:
                 StatusCode.TOO_LARGE: FailReason.TOO_LARGE,
                 StatusCode.BUSY: FailReason.BUSY,
             }.get(message.code, FailReason.REFUSED)
-            event = PasteFailed(message.transfer_id, reason, self._paste_size)
+            try:
+                because = RefusedBecause(message.value) if reason is FailReason.REFUSED else None
+            except ValueError:  # a newer peer's reason: still a refusal
+                because = None
+            event = PasteFailed(message.transfer_id, reason, self._paste_size,
+                                because or RefusedBecause.UNSPECIFIED)
         self._to_idle()
         return [event]
 
@@ -413,8 +421,16 @@ class GuestChannel:
         else:
             self._out.stream(transfer_id, data)
 
-    def confirm_paste(self, transfer_id: int, code: StatusCode = StatusCode.OK) -> None:
-        self._out.send(Status(transfer_id, code))
+    def answer_status(self, transfer_id: int, code: StatusCode, value: int = 0) -> None:
+        """Answer the copy request `transfer_id` with a status alone (EMPTY, TOO_LARGE with
+        the size, or REFUSED with a :class:`RefusedBecause`)."""
+        self._out.clear()
+        self._answering = transfer_id
+        self._out.send(Status(transfer_id, code, value))
+
+    def confirm_paste(self, transfer_id: int, code: StatusCode = StatusCode.OK, value: int = 0) -> None:
+        """Tell the broker the outcome of the paste `transfer_id` (value: see StatusCode)."""
+        self._out.send(Status(transfer_id, code, value))
 
     def receive(self, message: Message) -> list[GuestEvent]:
         """Feed one decoded message from the broker.

@@ -13,3 +13,11 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent a record that is malformed or breaks the protocol."""
+
+
+class ClipFormatError(ProtocolError):
+    """Typed clipboard content (protocol.clipformat) is malformed or cannot be built.
+
+    Not a RemoteProtocolError: the ring protocol was followed, only the content
+    is bad, so the transfer is refused but the VM is not marked faulty.
+    """

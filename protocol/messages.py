@@ -11,6 +11,7 @@ older gesture never matches the one in flight.
        3  DataChunk     both          u64 transfer_id, u64 offset, data...
        4  DataEnd       both          u64 transfer_id
        5  Status        both          u64 transfer_id, u32 code, u32 zero, u64 value
+                                      (value: size for TOO_LARGE, a RefusedBecause for REFUSED)
        6  Cancel        both          u64 transfer_id
 
 Kind 0 is the ring's padding record and never reaches this module.
@@ -49,7 +50,20 @@ class StatusCode(IntEnum):
     BUSY = 3
     """The receiver is in the middle of another transfer."""
     REFUSED = 4
-    """The receiver refused the content (e.g. its text policy)."""
+    """The receiver refused the content; value = a :class:`RefusedBecause` code."""
+
+
+class RefusedBecause(IntEnum):
+    """The value of a REFUSED status.  Added after version 1 of the records without
+    changing them: an older peer sends 0 (UNSPECIFIED) and ignores the value."""
+
+    UNSPECIFIED = 0
+    TEXT_POLICY = 1
+    """A text item breaks the receiver's text policy (e.g. strict mode and an escape character)."""
+    BAD_FORMAT = 2
+    """The content is not a valid typed clipboard (protocol.clipformat)."""
+    CLIPBOARD_FAILED = 3
+    """The receiver's own clipboard (X11, Wayland) could not take the content."""
 
 
 def _check_u64(name: str, value: int) -> None:

@@ -10,8 +10,11 @@ Every exception ivclip raises on purpose derives from :class:`IvclipError`::
     │   └── RingCorruptError       the peer wrote ring indices or a record that cannot be valid
     ├── ProtocolError              (protocol.errors) the clipboard protocol
     │   ├── LocalProtocolError     we asked for something the state does not allow
-    │   └── RemoteProtocolError    the peer sent something invalid
+    │   ├── RemoteProtocolError    the peer sent something invalid
+    │   └── ClipFormatError        typed clipboard content is malformed (protocol.clipformat)
     ├── ControlError               (control.errors) local control sockets and their requests
+    ├── ClipboardError             (guestdrv.errors) the guest's X11 or Wayland clipboard failed
+    │   └── ClipboardTooLarge      it holds more than the limit
     └── ConfigError                (broker.errors) bad command line or policy
 
 "Remote" errors (LayoutError, RingCorruptError, RemoteProtocolError) mean the

@@ -24,6 +24,7 @@ from shm.region import Region, read_identity
 from shm.ring import RingProducer
 
 VMS = ["alice", "bob", "mallory", "eve"]
+BINARY = ("--type", "application/octet-stream")  # random bytes are no text for a strict driver
 DRIVERS = ["alice", "bob", "mallory"]
 
 
@@ -55,12 +56,12 @@ def gesture(lab: HostLab, op: str, vm: str) -> tuple[int, str]:
 
 def test_four_stages_move_exact_bytes_and_mallory_learns_nothing(lab: HostLab) -> None:
     content = random_content()
-    copied = lab.guest_cmd("alice", "copy", input=content)
+    copied = lab.guest_cmd("alice", "copy", *BINARY, input=content)
     assert copied.returncode == 0, copied.stderr
     assert_mallory_clean(lab, content)
 
     code, line = gesture(lab, "copy", "alice")
-    assert (code, line) == (0, f"copied {len(content)} bytes from alice")
+    assert (code, line) == (0, f"copied {len(content)} bytes from alice (application/octet-stream)")
     assert_mallory_clean(lab, content)
     clip = lab.status()["clipboard"]
     assert clip["source"] == "alice" and clip["size"] == len(content)
@@ -91,7 +92,7 @@ def test_copy_of_an_empty_guest_clipboard_is_refused(lab: HostLab) -> None:
 
 def test_large_content_travels_in_chunks_through_a_small_region(lab: HostLab) -> None:
     content = os.urandom(3 << 20)  # three times the whole 1 MiB region
-    assert lab.guest_cmd("alice", "copy", input=content).returncode == 0
+    assert lab.guest_cmd("alice", "copy", *BINARY, input=content).returncode == 0
     assert gesture(lab, "copy", "alice")[0] == 0
     assert gesture(lab, "paste", "bob")[0] == 0
     assert lab.guest_cmd("bob", "paste").stdout == content
@@ -100,15 +101,15 @@ def test_large_content_travels_in_chunks_through_a_small_region(lab: HostLab) ->
 
 def test_content_over_the_limit_is_refused_and_the_global_clipboard_wiped(lab: HostLab) -> None:
     small = random_content()
-    assert lab.guest_cmd("alice", "copy", input=small).returncode == 0
+    assert lab.guest_cmd("alice", "copy", *BINARY, input=small).returncode == 0
     assert gesture(lab, "copy", "alice")[0] == 0
     # bob's driver takes anything up to 16 MiB; the broker's limit is 16 MiB too.
     big = os.urandom((16 << 20) + 1)
-    assert lab.guest_cmd("bob", "copy", input=big).returncode == 1  # the guest CLI refuses
+    assert lab.guest_cmd("bob", "copy", *BINARY, input=big).returncode == 1  # the guest CLI refuses
     lab.stop_guest("bob")
     lab.start_guest("bob", "--limit", "32M")
     lab.wait_attached(["bob"])
-    stored = lab.guest_cmd("bob", "copy", "--limit", "32M", input=big)
+    stored = lab.guest_cmd("bob", "copy", *BINARY, "--limit", "32M", input=big)
     assert stored.returncode == 0, stored.stderr
     code, line = gesture(lab, "copy", "bob")
     assert code == 1 and "over the limit" in line and "wiped" in line
@@ -124,7 +125,7 @@ def test_copy_from_a_vm_without_a_driver_fails_clearly(lab: HostLab) -> None:
 
 
 def test_copy_from_a_killed_driver_times_out_clearly(lab: HostLab) -> None:
-    assert lab.guest_cmd("mallory", "copy", input=b"x" * 10).returncode == 0
+    assert lab.guest_cmd("mallory", "copy", *BINARY, input=b"x" * 10).returncode == 0
     lab.stop_guest("mallory", kill=True)
     try:
         started = time.monotonic()
@@ -196,7 +197,7 @@ def test_garbage_marks_the_vm_faulty_and_the_others_carry_on(lab: HostLab) -> No
         assert "producer index" in str(eve_state(lab)["last_fault"])
         assert "eve: marked faulty" in lab.log_text("broker.log")
         content = random_content()
-        assert lab.guest_cmd("alice", "copy", input=content).returncode == 0
+        assert lab.guest_cmd("alice", "copy", *BINARY, input=content).returncode == 0
         assert gesture(lab, "copy", "alice")[0] == 0
         assert gesture(lab, "paste", "bob")[0] == 0
         assert lab.guest_cmd("bob", "paste").stdout == content
@@ -244,7 +245,7 @@ def test_sigterm_wipes_the_regions(tmp_path: Path) -> None:
     lab.start_guest("solo")
     lab.wait_attached(["solo"])
     secret = random_content()
-    assert lab.guest_cmd("solo", "copy", input=secret).returncode == 0
+    assert lab.guest_cmd("solo", "copy", *BINARY, input=secret).returncode == 0
     assert lab.broker_cmd("copy", "solo").returncode == 0
     path = lab.region_path("solo")
     with path.open("rb") as f:
@@ -269,5 +270,43 @@ def test_one_gesture_at_a_time(lab: HostLab) -> None:
         assert code == 1 and line == "another gesture is in progress (copy eve); try again"
         waiting.join(30)
         assert outcome["eve"] == (1, "eve did not answer within 2 s")
+    finally:
+        region.close()
+
+
+def test_a_copy_that_is_not_typed_content_is_refused_without_a_fault(lab: HostLab) -> None:
+    from protocol.messages import CopyRequest, decode
+    from shm.ring import RingConsumer
+
+    region, producer = attach_as(lab, "eve")
+    region.mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(63) + 1)  # a new driver start
+    try:
+        geometry = read_identity(region.mem).geometry
+        consumer = RingConsumer(region.mem, geometry.host_to_guest, geometry.max_record,
+                                start_index=region.mem.load_u64(layout.H2G_TAIL_OFF) & ~7)
+        HostLab._wait_for(lambda: eve_state(lab)["state"] == "attached", 5, "eve to attach")
+        outcome: dict[str, tuple[int, str]] = {}
+        waiting = threading.Thread(target=lambda: outcome.update(eve=gesture(lab, "copy", "eve")))
+        waiting.start()
+        request: list[CopyRequest] = []
+
+        def take_request() -> bool:
+            record = consumer.poll()
+            if record is not None:
+                message = decode(record.kind, record.payload)
+                assert isinstance(message, CopyRequest)
+                request.append(message)
+            return bool(request)
+
+        HostLab._wait_for(take_request, 5, "the copy request")
+        untyped = b"raw bytes from an old or hostile driver"
+        tid = request[0].transfer_id
+        push(producer, DataBegin(tid, len(untyped)), DataChunk(tid, 0, untyped), DataEnd(tid))
+        waiting.join(30)
+        code, line = outcome["eve"]
+        assert code == 1 and line.startswith("eve sent content that is not a valid typed clipboard")
+        assert "refused, global clipboard wiped" in line
+        assert lab.status()["clipboard"] == {"empty": True}
+        assert eve_state(lab)["state"] == "attached"  # the ring protocol was kept: no fault
     finally:
         region.close()

@@ -1,0 +1,146 @@
+"""Guest clipboard backends on their own: detection, the Wayland tools' command lines, limits."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from broker.lab import XServer
+from guestdrv.clipboard import (
+    HeadlessClipboard,
+    WaylandClipboard,
+    X11Clipboard,
+    choose_item,
+    make_backend,
+)
+from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from protocol.clipformat import PNG_MIME, TEXT_MIME, ClipItem
+
+
+@pytest.mark.parametrize(("env", "kind"), [
+    ({"WAYLAND_DISPLAY": "wayland-0", "DISPLAY": ":0"}, "wayland"),
+    ({"DISPLAY": ":0"}, "x11"),
+    ({}, "headless"),
+])
+def test_auto_picks_wayland_then_x11_then_headless(env: dict[str, str], kind: str) -> None:
+    assert make_backend("auto", env).name == kind
+
+
+def test_an_unknown_backend_is_a_clear_error() -> None:
+    with pytest.raises(ClipboardError, match="unknown clipboard 'gnome'"):
+        make_backend("gnome", {})
+
+
+def test_choose_item_prefers_text_then_png() -> None:
+    html, text, image = ClipItem("text/html", b"<b>"), ClipItem(TEXT_MIME, b"t"), ClipItem(PNG_MIME, b"p")
+    assert choose_item([html, image, text]) is text
+    assert choose_item([html, image]) is image
+    assert choose_item([html]) is html
+
+
+def test_headless_withdraw_only_clears_our_own_paste() -> None:
+    clip = HeadlessClipboard()
+    clip.write([ClipItem(TEXT_MIME, b"pasted")])
+    assert clip.withdraw() and clip.read(100) == []
+    clip.write([ClipItem(TEXT_MIME, b"pasted")])
+    clip._items = [ClipItem(TEXT_MIME, b"the user's own copy")]  # what a later local copy does
+    assert not clip.withdraw() and clip.read(100)
+    with pytest.raises(ClipboardTooLarge):
+        clip.read(5)
+
+
+FAKE_WL_PASTE = """#!{python}
+import os, sys
+store = os.environ["FAKE_CLIP"]
+if not os.listdir(store):
+    sys.exit("Nothing is copied")
+if sys.argv[1] == "--list-types":
+    print("\\n".join(sorted(n.replace("_", "/") for n in os.listdir(store))))
+else:
+    assert sys.argv[1:3] == ["--no-newline", "--type"], sys.argv
+    sys.stdout.buffer.write(open(os.path.join(store, sys.argv[3].replace("/", "_")), "rb").read())
+"""
+FAKE_WL_COPY = """#!{python}
+import os, sys, time
+assert sys.argv[1:3] == ["--foreground", "--type"], sys.argv
+out = os.path.join(os.environ["FAKE_CLIP"], sys.argv[3].replace("/", "_"))
+open(out, "wb").write(sys.stdin.buffer.read())
+while True:
+    time.sleep(60)
+"""
+
+
+def _script(path: Path, text: str) -> str:
+    path.write_text(text.format(python=sys.executable))
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_wayland_backend_drives_wl_paste_and_wl_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    store = tmp_path / "clip"
+    store.mkdir()
+    monkeypatch.setenv("FAKE_CLIP", str(store))
+    clip = WaylandClipboard(_script(tmp_path / "wl-paste", FAKE_WL_PASTE),
+                            _script(tmp_path / "wl-copy", FAKE_WL_COPY))
+    assert clip.read(1000) == []
+    (store / "text_plain;charset=utf-8").write_bytes(b"hi \xe2\x80\x94")
+    (store / "image_png").write_bytes(b"\x89PNG...")
+    (store / "image_bmp").write_bytes(b"BM" * 100)  # a conversion of the PNG: not offered
+    items = clip.read(1000)
+    assert [(i.mime, bytes(i.data)) for i in items] == [(TEXT_MIME, b"hi \xe2\x80\x94"),
+                                                       (PNG_MIME, b"\x89PNG...")]
+    with pytest.raises(ClipboardTooLarge):
+        clip.read(3)
+    for name in os.listdir(store):
+        (store / name).unlink()
+    clip.write([ClipItem(PNG_MIME, b"png"), ClipItem(TEXT_MIME, b"text")])
+    try:
+        # The helper writes the file and stays to serve it; the test waits for the file.
+        for _ in range(200):
+            if (store / "text_plain;charset=utf-8").exists() and clip.read(100):
+                break
+            time.sleep(0.05)
+        assert [(i.mime, bytes(i.data)) for i in clip.read(100)] == [(TEXT_MIME, b"text")]
+        assert clip.withdraw()
+        assert not clip.withdraw()
+    finally:
+        clip.close()
+
+
+def test_missing_tools_are_a_clear_error(tmp_path: Path) -> None:
+    clip = WaylandClipboard(str(tmp_path / "no-wl-paste"), str(tmp_path / "no-wl-copy"))
+    with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-paste"):
+        clip.read(10)
+    with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-copy"):
+        clip.write([ClipItem(TEXT_MIME, b"x")])
+
+
+@pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("xclip") is None,
+                    reason="Xvfb or xclip not installed (apt-get install xvfb xclip)")
+def test_x11_content_over_the_limit_is_refused_not_truncated() -> None:
+    with XServer() as xserver:
+        clip = X11Clipboard(display=xserver.display)
+        try:
+            clip.write([ClipItem(TEXT_MIME, b"x" * 5000)])
+            for _ in range(200):
+                if clip.read(1 << 20):
+                    break
+                time.sleep(0.05)
+            assert [len(i.data) for i in clip.read(1 << 20)] == [5000]
+            with pytest.raises(ClipboardTooLarge, match="over the limit of 4999"):
+                clip.read(4999)
+        finally:
+            clip.close()
+
+
+def test_x11_without_a_display_is_a_clear_error(tmp_path: Path) -> None:
+    if shutil.which("xclip") is None:
+        pytest.skip("xclip not installed (apt-get install xclip)")
+    clip = X11Clipboard(display=":9999")
+    with pytest.raises(ClipboardError, match="display"):
+        clip.read(10)
