@@ -4,18 +4,64 @@
 Every access is checked against the mapped size here, in Python, so the C
 functions can stay a handful of instructions.  Loads of fields a peer writes
 use acquire ordering and stores that publish data use release ordering.
+
+Copies go through ``ivc_copy``, whose strategy (:func:`set_copy_strategy`)
+is chosen per process: glibc ``memcpy`` by default, since on the machines
+measured its ``rep movsb`` path is as fast as anything else at every size;
+the alternatives are kept for hosts where it is not (``python -m bench``
+prints the comparison).
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from array import array
+from collections.abc import Sequence
+from typing import Any, Union
 
 from shm._ivclip_c import ffi, lib
 
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+# Where the consumer's batch writes (kind, length) pairs: anything writable of uint32.
+MetaBuffer = Union[bytearray, memoryview, "array[int]"]  # array[int] fails at run time
+
+COPY_STRATEGIES = ("glibc", "pieces", "vector")
+
+
+def set_copy_strategy(name: str) -> str:
+    """Choose how this process copies in and out of rings; returns the previous choice.
+
+    "glibc": memcpy for every size.  "pieces": 16-256 KiB copies in 4 KiB
+    memcpy pieces.  "vector": copies of 2 KiB and more by a vector loop that
+    never takes glibc's `rep movsb` path.
+
+    Raises:
+        ValueError: an unknown strategy name.
+    """
+    if name not in COPY_STRATEGIES:
+        raise ValueError(f"copy strategy {name!r} is not one of {', '.join(COPY_STRATEGIES)}")
+    return COPY_STRATEGIES[lib.ivc_set_copy_strategy(COPY_STRATEGIES.index(name))]
+
+
+def copy(dst: Buffer, src: Buffer) -> int:
+    """Copy all of `src` to the start of the writable buffer `dst` (a loaned view, say).
+
+    Uses the process's copy strategy, unlike ``dst[:n] = src``.  Returns the count.
+
+    Raises:
+        ValueError: `dst` is shorter than `src`.
+        TypeError: `dst` is not writable.
+    """
+    source = ffi.from_buffer(src)
+    target = ffi.from_buffer(dst, require_writable=True)
+    length = len(source)
+    if length > len(target):
+        raise ValueError(f"cannot copy {length} bytes into a buffer of {len(target)}")
+    if length:
+        lib.ivc_copy(target, source, length)
+    return length
 
 
 class SharedBuffer:
@@ -48,6 +94,16 @@ class SharedBuffer:
     def _check(self, offset: int, length: int) -> None:
         if offset < 0 or length < 0 or offset + length > self.size:
             raise IndexError(f"access [{offset}, {offset + length}) outside a buffer of {self.size}")
+        if self._ptr is None:
+            raise ValueError("the shared buffer is closed")
+
+    def pointer(self, offset: int, length: int) -> Any:
+        """A C pointer to `length` bytes at `offset`, for one call into the C layer.
+
+        Never keep it: it dangles once the buffer is closed and unmapped.
+        """
+        self._check(offset, length)
+        return self._ptr + offset
 
     # Atomic fields -------------------------------------------------------
     def load_u64(self, offset: int) -> int:
@@ -72,18 +128,18 @@ class SharedBuffer:
     def read(self, offset: int, length: int) -> bytes:
         """Copy `length` bytes out into private memory (one fetch of peer data)."""
         self._check(offset, length)
-        out = bytearray(length)
-        if length:
-            lib.ivc_copy(ffi.from_buffer(out), self._ptr + offset, length)
-        return bytes(out)
+        # One copy straight into the new bytes object; a bytearray filled by
+        # ivc_copy and then turned into bytes would copy twice.
+        return ffi.buffer(self._ptr + offset, length)[:]  # type: ignore[no-any-return]
 
     def read_into(self, offset: int, dst: Buffer, dst_offset: int = 0, length: int | None = None) -> int:
         """Copy from shared memory into a private writable buffer; returns the count."""
         target = ffi.from_buffer(dst, require_writable=True)
+        room = len(target)
         if length is None:
-            length = len(target) - dst_offset
+            length = room - dst_offset
         self._check(offset, length)
-        if dst_offset < 0 or dst_offset + length > len(target):
+        if dst_offset < 0 or dst_offset + length > room:
             raise IndexError("destination too small")
         if length:
             lib.ivc_copy(target + dst_offset, self._ptr + offset, length)
@@ -96,10 +152,125 @@ class SharedBuffer:
         if length:
             lib.ivc_copy(self._ptr + offset, ffi.from_buffer(data), length)
 
+    # Records (for shm.ring, which owns the ring logic) ----------------------
+    def put_header(self, offset: int, length: int, kind: int) -> None:
+        """Write a record header (u32 length, u32 kind) at `offset`."""
+        self._check(offset, 8)
+        lib.ivc_put_record(self._ptr + offset, length, kind, ffi.NULL, 0)
+
+    def put_record(self, offset: int, kind: int, length: int, parts: Sequence[Buffer]) -> None:
+        """Write a record header (`length`, `kind`) at `offset` and its payload `parts` after it.
+
+        Raises:
+            ValueError: the parts do not add up to `length` (one was resized meanwhile).
+        """
+        self._check(offset, 8 + length)
+        at = self._ptr + offset
+        if len(parts) == 1:
+            source = ffi.from_buffer(parts[0])
+            if len(source) != length:
+                raise ValueError("the payload changed size while being written")
+            lib.ivc_put_record(at, length, kind, source, length)
+            return
+        sources = [ffi.from_buffer(part) for part in parts]
+        if sum(len(source) for source in sources) != length:
+            raise ValueError("the payload changed size while being written")
+        lib.ivc_put_record(at, length, kind, ffi.NULL, 0)
+        at += 8
+        for source in sources:
+            lib.ivc_copy(at, source, len(source))
+            at += len(source)
+
+    def put_records(
+        self,
+        offset: int,
+        capacity: int,
+        tail: int,
+        head: int,
+        kind: int,
+        data: Buffer,
+        lengths: Any,
+        each: int,
+        count: int,
+    ) -> tuple[int, int, int]:
+        """Append up to `count` records to the ring at [offset, offset+capacity) in one C call.
+
+        Payloads are consecutive slices of `data`: `lengths` (a private cffi
+        uint32 array the caller validated) or `each` bytes apiece.  Returns
+        (records written, new tail, bytes of data used).
+        """
+        self._check(offset, capacity)
+        source = ffi.from_buffer(data)
+        out = ffi.new("uint64_t[2]")
+        done = lib.ivc_ring_put(
+            self._ptr + offset, capacity, tail, head, kind, source, len(source),
+            ffi.NULL if lengths is None else lengths, count, each, out,
+        )
+        return int(done), int(out[0]), int(out[1])
+
+    def get_records(
+        self,
+        offset: int,
+        capacity: int,
+        max_record: int,
+        head: int,
+        tail: int,
+        dst: Buffer,
+        dst_offset: int,
+        meta: MetaBuffer,
+        meta_index: int,
+    ) -> tuple[int, int, int, int, tuple[int, int, int]]:
+        """Copy records out of the ring at [offset, offset+capacity) in one C call.
+
+        Returns (status, new head, records, bytes, (pos, length, kind) of a bad
+        header when status is 1).  `meta` (uint32, 2 per record) is filled from
+        record `meta_index` on; payloads go to `dst` from `dst_offset` on.
+
+        Raises:
+            ValueError: `dst_offset` or `meta_index` is outside its buffer.
+        """
+        self._check(offset, capacity)
+        target = ffi.from_buffer(dst, require_writable=True)
+        slots = ffi.from_buffer("uint32_t[]", meta, require_writable=True)
+        room = len(slots) // 2 - meta_index
+        if not 0 <= dst_offset <= len(target) or room < 0:
+            raise ValueError("destination offset or metadata index outside its buffer")
+        out = ffi.new("uint64_t[6]")
+        status = lib.ivc_ring_get(
+            self._ptr + offset, capacity, max_record, head, tail,
+            target + dst_offset, len(target) - dst_offset, slots + 2 * meta_index, room, out,
+        )
+        return (
+            int(status), int(out[0]), int(out[1]), int(out[2]),
+            (int(out[3]), int(out[4]), int(out[5])),
+        )
+
     def zero(self, offset: int, length: int) -> None:
         self._check(offset, length)
         if length:
             lib.ivc_zero(self._ptr + offset, length)
+
+
+def lengths_array(lengths: Sequence[int] | Buffer) -> tuple[Any, int, int, int]:
+    """A private uint32 copy of `lengths`: (array, count, largest, total).
+
+    Private so that a caller's thread cannot change a length after it was
+    checked and before C uses it.
+
+    Raises:
+        OverflowError: a length is negative or does not fit 32 bits.
+    """
+    if isinstance(lengths, bytes | bytearray | memoryview):
+        view = memoryview(lengths).cast("B").cast("I")
+        array = ffi.new("uint32_t[]", len(view))
+        ffi.memmove(array, view, view.nbytes)
+    else:
+        array = ffi.new("uint32_t[]", list(lengths))
+    count = len(array)
+    if count == 0:
+        return array, 0, 0, 0
+    values = memoryview(ffi.buffer(array)).cast("I")
+    return array, count, max(values), sum(values)
 
 
 def fence() -> None:

@@ -24,24 +24,47 @@ is read once into private memory and validated before use:
 ``0 <= tail - head <= capacity``, 8-byte alignment, ``length <= max_record``,
 the record inside the published span and inside the ring.  Anything else
 raises :class:`RingCorruptError`; the ring must then be re-initialised.
+
+Three ways through, on each side, all over the same records:
+
+* copying: :meth:`RingProducer.try_push` and :meth:`RingConsumer.poll` /
+  :meth:`RingConsumer.poll_into`, one record per call;
+* zero-copy: :meth:`RingProducer.loan` + :meth:`RingProducer.commit` hands
+  out a writable view into the ring; :meth:`RingConsumer.peek` +
+  :meth:`RingConsumer.consume` a read-only one.  A consumer's view stays
+  valid, and is never overwritten, until its space is handed back
+  (:meth:`RingConsumer.release`, or ``release=True``); then it is released
+  and using it raises ValueError;
+* batched: :meth:`RingProducer.push_batch` / :meth:`RingProducer.push_chunks`
+  write many records and publish once; :meth:`RingConsumer.drain_into` copies
+  out every record available into one buffer and releases once.  They run in
+  C (``ivc_ring_put`` / ``ivc_ring_get`` in shm/_c_build.py), which repeats
+  the logic and the checks of this module exactly; Python still reads and
+  validates the peer's index.
+
+Batching on the other paths: ``publish=False`` / ``release=False`` and one
+:meth:`RingProducer.publish` / :meth:`RingConsumer.release` at the end.
 """
+
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from shm.errors import RingCorruptError
 from shm.layout import RECORD_ALIGN, RECORD_HEADER_SIZE, RingGeometry
-from shm.memory import Buffer, SharedBuffer
+from shm.memory import Buffer, MetaBuffer, SharedBuffer, lengths_array
 
 log = logging.getLogger(__name__)
 
 PAD_KIND = 0
 _MASK64 = (1 << 64) - 1
-_HEADER = struct.Struct("<II")
+_MASK32 = 0xFFFFFFFF
+_HEADER_SIZE = RECORD_HEADER_SIZE
+_ALIGN_MASK = RECORD_ALIGN - 1
 
 
 def record_span(length: int) -> int:
@@ -57,8 +80,20 @@ class Record:
     payload: bytes
 
 
+def _check_kind(kind: int) -> None:
+    if not 0 < kind <= _MASK32:
+        raise ValueError(f"record kind {kind} is reserved or out of range")
+
+
+def _release_views(views: list[memoryview]) -> None:
+    for view in views:
+        with contextlib.suppress(BufferError):  # still exported (numpy, cffi): cannot revoke
+            view.release()
+    views.clear()
+
+
 class _RingEnd:
-    __slots__ = ("_capacity", "_data", "_mem", "max_record", "geometry")
+    __slots__ = ("_capacity", "_data", "_mem", "geometry", "max_record")
 
     def __init__(self, mem: SharedBuffer, geometry: RingGeometry, max_record: int) -> None:
         if geometry.capacity % 4096 or geometry.data_offset + geometry.capacity > mem.size:
@@ -75,7 +110,7 @@ class _RingEnd:
 class RingProducer(_RingEnd):
     """The writing end.  `start_index` is where this producer resumes."""
 
-    __slots__ = ("_head_seen", "_loan", "_published", "_tail")
+    __slots__ = ("_head_seen", "_loan", "_loan_view", "_published", "_tail")
 
     def __init__(
         self, mem: SharedBuffer, geometry: RingGeometry, max_record: int, start_index: int = 0
@@ -85,8 +120,10 @@ class RingProducer(_RingEnd):
             raise ValueError("start index must be 8-byte aligned")
         self._tail = start_index & _MASK64
         self._published = self._tail
-        self._head_seen = self._tail - self._capacity  # unknown yet: assume full
+        # Unknown yet: assume full, so that the first push reads the real head.
+        self._head_seen = (self._tail - self._capacity) & _MASK64
         self._loan: tuple[int, int] | None = None
+        self._loan_view: memoryview | None = None
 
     @property
     def tail(self) -> int:
@@ -109,7 +146,10 @@ class RingProducer(_RingEnd):
         return self._capacity - used
 
     def _reserve(self, span: int) -> int | None:
-        """Make room for `span` contiguous bytes; return their position or None if full."""
+        """Make room for `span` contiguous bytes; return their position or None if full.
+
+        Mirrored by ivc_ring_put in shm/_c_build.py: change both together.
+        """
         pos = self._tail % self._capacity
         to_end = self._capacity - pos
         need = span if span <= to_end else to_end + span
@@ -119,7 +159,7 @@ class RingProducer(_RingEnd):
             if need > free:
                 return None
         if span > to_end:
-            self._mem.write(self._data + pos, _HEADER.pack(to_end - RECORD_HEADER_SIZE, PAD_KIND))
+            self._mem.put_header(self._data + pos, to_end - _HEADER_SIZE, PAD_KIND)
             self._tail = (self._tail + to_end) & _MASK64
             pos = 0
         return pos
@@ -131,37 +171,106 @@ class RingProducer(_RingEnd):
 
         Raises:
             ValueError: `kind` is the padding kind or the payload exceeds max_record.
+            RuntimeError: a loan is outstanding.
             RingCorruptError: the consumer's index is invalid.
         """
-        length = sum(memoryview(p).nbytes for p in parts)
-        if not 0 < kind <= 0xFFFFFFFF:
+        if len(parts) == 1:
+            length = memoryview(parts[0]).nbytes
+        else:
+            length = sum([memoryview(p).nbytes for p in parts])
+        if not 0 < kind <= _MASK32:
             raise ValueError(f"record kind {kind} is reserved or out of range")
         if length > self.max_record:
             raise ValueError(f"record of {length} bytes exceeds max_record {self.max_record}")
         if self._loan is not None:
             raise RuntimeError("a loan is outstanding; commit it first")
-        span = record_span(length)
+        span = _HEADER_SIZE + ((length + _ALIGN_MASK) & ~_ALIGN_MASK)
         pos = self._reserve(span)
         if pos is None:
             return False
-        offset = self._data + pos
-        self._mem.write(offset, _HEADER.pack(length, kind))
-        offset += RECORD_HEADER_SIZE
-        for part in parts:
-            self._mem.write(offset, part)
-            offset += memoryview(part).nbytes
-        self._tail = (self._tail + span) & _MASK64
+        self._mem.put_record(self._data + pos, kind, length, parts)
+        tail = self._tail = (self._tail + span) & _MASK64
+        if publish and tail != self._published:
+            self._mem.store_u64(self.geometry.producer_index_offset, tail)
+            self._published = tail
+        return True
+
+    def push_batch(
+        self, kind: int, data: Buffer, lengths: Sequence[int] | Buffer, *, publish: bool = True
+    ) -> tuple[int, int]:
+        """Append records whose payloads are consecutive slices of `data`, `lengths` long.
+
+        As many as fit now, in order, in one C call (two when the consumer's
+        head must be re-read).  Returns (records written, bytes of `data` used).
+
+        Raises:
+            ValueError: a bad kind, a length over max_record, or lengths longer than `data`.
+            OverflowError: a negative length.
+            RuntimeError: a loan is outstanding.
+            RingCorruptError: the consumer's index is invalid.
+        """
+        _check_kind(kind)
+        array, count, largest, total = lengths_array(lengths)
+        if largest > self.max_record:
+            raise ValueError(f"record of {largest} bytes exceeds max_record {self.max_record}")
+        if total > memoryview(data).nbytes:
+            raise ValueError(f"lengths add up to {total} bytes, more than the data holds")
+        return self._put(kind, data, array, 0, count, publish)
+
+    def push_chunks(
+        self, kind: int, data: Buffer, chunk: int, *, publish: bool = True
+    ) -> tuple[int, int]:
+        """Append `data` cut into records of `chunk` bytes (the last one shorter).
+
+        Like :meth:`push_batch`: as many as fit now; returns (records, bytes used).
+
+        Raises:
+            ValueError: a bad kind, or `chunk` not in (0, max_record].
+            RuntimeError: a loan is outstanding.
+            RingCorruptError: the consumer's index is invalid.
+        """
+        _check_kind(kind)
+        if not 0 < chunk <= self.max_record:
+            raise ValueError(f"chunk of {chunk} bytes must be in (0, {self.max_record}]")
+        size = memoryview(data).nbytes
+        return self._put(kind, data, None, chunk, -(-size // chunk), publish)
+
+    def _put(
+        self, kind: int, data: Buffer, array: object, each: int, count: int, publish: bool
+    ) -> tuple[int, int]:
+        if self._loan is not None:
+            raise RuntimeError("a loan is outstanding; commit it first")
+        done = used = 0
+        for attempt in range(2):
+            if done == count:
+                break
+            if attempt:  # stopped short: the consumer may have made room since
+                head_before = self._head_seen
+                self.free_space()
+                if self._head_seen == head_before:
+                    break
+            source: Buffer = data if not used else memoryview(data).cast("B")[used:]
+            rest = None if array is None else array + done  # type: ignore[operator]
+            n, self._tail, took = self._mem.put_records(
+                self._data, self._capacity, self._tail, self._head_seen, kind,
+                source, rest, each, count - done,
+            )
+            done += n
+            used += took
         if publish:
             self.publish()
-        return True
+        return done, used
 
     def loan(self, length: int) -> memoryview | None:
         """Zero-copy: a writable view of `length` payload bytes inside the ring, or None if full.
 
-        Fill it, then :meth:`commit`.  Only one loan may be outstanding.
+        Fill it, then :meth:`commit`.  Only one loan may be outstanding; the
+        view is released by commit.
 
         Raises:
             ValueError: the length exceeds max_record.
+            RuntimeError: a loan is already outstanding.
+            RingCorruptError: the consumer's index is invalid.
         """
         if not 0 <= length <= self.max_record:
             raise ValueError(f"loan of {length} bytes exceeds max_record {self.max_record}")
@@ -171,22 +280,31 @@ class RingProducer(_RingEnd):
         if pos is None:
             return None
         self._loan = (pos, length)
-        start = self._data + pos + RECORD_HEADER_SIZE
-        return self._mem.view[start : start + length]
+        start = self._data + pos + _HEADER_SIZE
+        view = self._mem.view[start : start + length]
+        self._loan_view = view
+        return view
 
     def commit(self, kind: int, length: int | None = None, *, publish: bool = True) -> None:
-        """Turn the outstanding loan into a record of `length` bytes (default: all of it)."""
+        """Turn the outstanding loan into a record of `length` bytes (default: all of it).
+
+        Raises:
+            RuntimeError: there is no loan.
+            ValueError: a bad kind, or `length` beyond the loan.
+        """
         if self._loan is None:
             raise RuntimeError("no loan to commit")
         pos, loaned = self._loan
         length = loaned if length is None else length
         if not 0 <= length <= loaned:
             raise ValueError(f"committed length {length} exceeds the loan of {loaned}")
-        if not 0 < kind <= 0xFFFFFFFF:
-            raise ValueError(f"record kind {kind} is reserved or out of range")
-        self._mem.write(self._data + pos, _HEADER.pack(length, kind))
+        _check_kind(kind)
+        self._mem.put_header(self._data + pos, length, kind)
         self._tail = (self._tail + record_span(length)) & _MASK64
         self._loan = None
+        if self._loan_view is not None:
+            _release_views([self._loan_view])
+            self._loan_view = None
         if publish:
             self.publish()
 
@@ -200,7 +318,7 @@ class RingProducer(_RingEnd):
 class RingConsumer(_RingEnd):
     """The reading end.  `start_index` is where this consumer resumes."""
 
-    __slots__ = ("_head", "_peeked", "_released", "_tail_seen")
+    __slots__ = ("_head", "_held", "_peeked", "_released", "_tail_seen", "_unconsumed")
 
     def __init__(
         self, mem: SharedBuffer, geometry: RingGeometry, max_record: int, start_index: int = 0
@@ -212,6 +330,10 @@ class RingConsumer(_RingEnd):
         self._released = self._head
         self._tail_seen = self._head
         self._peeked: int = 0
+        # Views handed out by peek(): of the record not yet consumed, and of
+        # consumed records whose space is not yet released.
+        self._unconsumed: list[memoryview] = []
+        self._held: list[memoryview] = []
 
     @property
     def head(self) -> int:
@@ -235,28 +357,39 @@ class RingConsumer(_RingEnd):
         return (self._tail_seen - self._head) & _MASK64
 
     def _next(self) -> tuple[int, int, int] | None:
-        """Validate the next record header; return (kind, payload offset, length) or None."""
+        """Validate the next record header; return (kind, payload offset, length) or None.
+
+        Mirrored by ivc_ring_get in shm/_c_build.py: change both together.
+        """
         while True:
             available = self.available()
             if available == 0:
                 return None
             pos = self._head % self._capacity
-            length, kind = _HEADER.unpack(self._mem.read(self._data + pos, RECORD_HEADER_SIZE))
+            # The header is read once, as one 64-bit load, into a Python int.
+            header = self._mem.load_u64(self._data + pos)
+            length = header & _MASK32
+            kind = header >> 32
             if kind == PAD_KIND:
                 to_end = self._capacity - pos
-                if length != to_end - RECORD_HEADER_SIZE or available < to_end:
+                if length != to_end - _HEADER_SIZE or available < to_end:
                     raise RingCorruptError(
                         f"padding record of {length} bytes at {pos} does not end the ring"
                     )
                 self._head = (self._head + to_end) & _MASK64
                 continue
-            span = record_span(length)
+            span = _HEADER_SIZE + ((length + _ALIGN_MASK) & ~_ALIGN_MASK)
             if length > self.max_record or span > available or pos + span > self._capacity:
-                raise RingCorruptError(
-                    f"record of kind {kind} claims {length} bytes at position {pos} with "
-                    f"{available} published (max_record {self.max_record})"
-                )
-            return kind, self._data + pos + RECORD_HEADER_SIZE, length
+                raise _bad_record(kind, length, pos, available, self.max_record)
+            return kind, self._data + pos + _HEADER_SIZE, length
+
+    def _step(self, span: int) -> None:
+        """Consume `span` bytes at the head (the record found by _next)."""
+        self._head = (self._head + span) & _MASK64
+        self._peeked = 0
+        if self._unconsumed:  # the peeked record is consumed: its views wait for release
+            self._held.extend(self._unconsumed)
+            self._unconsumed.clear()
 
     def poll(self, *, release: bool = True) -> Record | None:
         """Copy the next record out of the ring, or return None when it is empty.
@@ -271,17 +404,90 @@ class RingConsumer(_RingEnd):
             return None
         kind, offset, length = found
         payload = self._mem.read(offset, length)
-        self._head = (self._head + record_span(length)) & _MASK64
+        self._step(record_span(length))
         if release:
             self.release()
         return Record(kind, payload)
 
+    def poll_into(
+        self, dst: Buffer, offset: int = 0, *, release: bool = True
+    ) -> tuple[int, int] | None:
+        """Copy the next record's payload into `dst` at `offset`; return (kind, length) or None.
+
+        Raises:
+            ValueError: the payload does not fit in `dst` after `offset` (nothing is consumed).
+            RingCorruptError: the producer wrote an invalid index or record header.
+        """
+        found = self._next()
+        if found is None:
+            if release:
+                self.release()
+            return None
+        kind, at, length = found
+        self._mem.read_into(at, dst, offset, length)
+        self._step(_HEADER_SIZE + ((length + _ALIGN_MASK) & ~_ALIGN_MASK))
+        if release:
+            self.release()
+        return kind, length
+
+    def drain_into(
+        self, dst: Buffer, meta: MetaBuffer, *, offset: int = 0, release: bool = True
+    ) -> tuple[int, int]:
+        """Copy out every record available, payloads back to back in `dst` from `offset`.
+
+        `meta` is a writable uint32 buffer (``array('I')``, say) that receives
+        (kind, length) per record, so it bounds the records taken, as the room
+        in `dst` does.  Reads the producer's tail again when it has caught up,
+        so one call drains all that was published by the time it returns.
+        Space is released once, at the end.  Returns (records, bytes).
+
+        A record that would not fit in what is left of `dst` stays in the ring:
+        a `dst` smaller than max_record can stall the drain.
+
+        Raises:
+            RingCorruptError: the producer wrote an invalid index or record header
+                before any record was taken (one found later is raised by the
+                next call, exactly as successive polls would).
+            ValueError: `offset` lies outside `dst`.
+        """
+        records = nbytes = 0
+        while self.available():
+            status, head, n, used, bad = self._mem.get_records(
+                self._data, self._capacity, self.max_record, self._head, self._tail_seen,
+                dst, offset + nbytes, meta, records,
+            )
+            moved = head != self._head
+            if moved:
+                self._step((head - self._head) & _MASK64)
+            records += n
+            nbytes += used
+            if status:
+                if records:
+                    break
+                pos, length, kind = bad
+                if kind == PAD_KIND:
+                    raise RingCorruptError(
+                        f"padding record of {length} bytes at {pos} does not end the ring"
+                    )
+                raise _bad_record(
+                    kind, length, pos, (self._tail_seen - self._head) & _MASK64,
+                    self.max_record,
+                )
+            if self._head != self._tail_seen or not moved:
+                break  # dst or meta is full
+        if release:  # not when raising: a failed poll() does not release either
+            self.release()
+        return records, nbytes
+
     def peek(self) -> tuple[int, memoryview] | None:
         """Zero-copy: (kind, read-only view of the payload inside the ring), or None.
 
-        The view stays valid until :meth:`consume` is called; then release it.
-        A peer can rewrite the bytes under a view at any time: copy what must
-        be validated before validating it.
+        The view stays valid, and the producer cannot overwrite it, until its
+        space is handed back: :meth:`consume` with ``release=True``, or
+        :meth:`release` after ``consume(release=False)``.  Then the view is
+        released (using it raises ValueError; slices taken from it are not
+        tracked).  A peer can rewrite the bytes under a view at any time: copy
+        what must be validated before validating it.
 
         Raises:
             RingCorruptError: the producer wrote an invalid index or record header.
@@ -291,19 +497,33 @@ class RingConsumer(_RingEnd):
             return None
         kind, offset, length = found
         self._peeked = record_span(length)
-        return kind, self._mem.view[offset : offset + length].toreadonly()
+        view = self._mem.view[offset : offset + length].toreadonly()
+        self._unconsumed.append(view)
+        return kind, view
 
     def consume(self, *, release: bool = True) -> None:
-        """Step over the record returned by the last :meth:`peek`."""
+        """Step over the record returned by the last :meth:`peek`.
+
+        Raises:
+            RuntimeError: nothing was peeked since the last step.
+        """
         if not self._peeked:
             raise RuntimeError("nothing peeked")
-        self._head = (self._head + self._peeked) & _MASK64
-        self._peeked = 0
+        self._step(self._peeked)
         if release:
             self.release()
 
     def release(self) -> None:
-        """Hand consumed space back to the producer (one release store)."""
+        """Hand consumed space back to the producer (one release store); views into it end."""
+        if self._held:
+            _release_views(self._held)
         if self._head != self._released:
             self._mem.store_u64(self.geometry.consumer_index_offset, self._head)
             self._released = self._head
+
+
+def _bad_record(kind: int, length: int, pos: int, available: int, max_record: int) -> RingCorruptError:
+    return RingCorruptError(
+        f"record of kind {kind} claims {length} bytes at position {pos} with "
+        f"{available} published (max_record {max_record})"
+    )
