@@ -14,6 +14,7 @@ from typing import Any
 from broker.attach import libvirt_xml, qemu_args
 from broker.errors import ConfigError
 from broker.names import check_vm_name
+from broker.policy import ALLOW_ALL, load_policy
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
 from control.cli import call, parse_size, report, setup_logging
 from control.errors import ControlError
@@ -54,6 +55,16 @@ def _shm_prefix(text: str) -> str:
     return text
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
+
+
 def _group(text: str) -> int:
     try:
         return int(text) if text.isdigit() else grp.getgrnam(text).gr_gid
@@ -88,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name prefix of the /dev/shm files (default ivclip-: /dev/shm/ivclip-VM)")
     serve.add_argument("--unlink-on-exit", action="store_true",
                        help="remove the /dev/shm files on exit (running VMs keep a dead copy)")
+    serve.add_argument("--config", type=Path, metavar="PATH",
+                       help="policy file (TOML): who may paste where, size limits, the default; "
+                            "without it every paste is allowed")
+    serve.add_argument("--audit-log", type=Path, metavar="PATH",
+                       help="append one JSON line per gesture and outcome here "
+                            "(default: $XDG_RUNTIME_DIR/ivclip/audit.log)")
+    serve.add_argument("--clipboard-ttl", type=_seconds, metavar="SECONDS",
+                       help="wipe the global clipboard if nobody pastes it within SECONDS")
     serve.add_argument("--log-level", default="info")
 
     for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
@@ -117,6 +136,11 @@ def _serve(args: argparse.Namespace) -> int:
     if len(set(args.vm)) != len(args.vm):
         print("error: a VM is named twice", file=sys.stderr)
         return 2
+    try:
+        policy = ALLOW_ALL if args.config is None else load_policy(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = BrokerConfig(
         vms=args.vm,
         socket_path=_socket(args),
@@ -127,10 +151,16 @@ def _serve(args: argparse.Namespace) -> int:
         unlink_on_exit=args.unlink_on_exit,
         shm_mode=0o600 if args.shm_group is None else 0o660,
         shm_group=args.shm_group,
+        policy=policy,
+        audit_path=args.audit_log or runtime_dir() / "audit.log",
+        clipboard_ttl_s=args.clipboard_ttl,
     )
     broker = Broker(config)
     try:
         broker.start()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ControlError, RegionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
