@@ -168,9 +168,9 @@ class _Lines:
                 name = next(g for g in key.groups() if g is not None)
                 self.keys.setdefault((table, occurrence, name), number)
 
-    def table(self, name: str, occurrence: int = 0) -> int:
+    def table(self, name: str, occurrence: int = 0, default: int = 1) -> int:
         found = [line for table, line in self.tables if table == name]
-        return found[occurrence] if occurrence < len(found) else 1
+        return found[occurrence] if occurrence < len(found) else default
 
     def key(self, table: str, key: str, occurrence: int = 0) -> int:
         return self.keys.get((table, occurrence, key)) or (self.table(table, occurrence) if table else 1)
@@ -283,7 +283,7 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
     limits: dict[str, dict[str, Limit]] = {}
     for what, table in raw_limits.items():
         if what not in WHATS or not isinstance(table, dict):
-            raise fail(lines.table(f"limits.{what}") if what in WHATS else lines.key("limits", what),
+            raise fail(lines.table(f"limits.{what}", default=lines.key("limits", what)),
                        f"unknown limits table {what!r} (expected [limits.clipboard] or [limits.file])")
         limits[what] = {}
         for vm, value in table.items():
