@@ -112,7 +112,7 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("request_", "expected"), CASES, ids=[f"{r[0]}-{r[1]}-{r[2]}-{r[3]}" for r, _ in CASES])
+@pytest.mark.parametrize(("request_", "expected"), CASES, ids=["-".join(map(str, r)) for r, _ in CASES])
 def test_every_rule_allows_and_denies_as_written(
     policy: Policy, request_: tuple[str, str, str, int], expected: tuple[bool, int | None, str]
 ) -> None:
@@ -176,7 +176,8 @@ BAD = [
     ('default = "allow"\nfoo = 1\n', 2, "unknown setting 'foo'"),
     ('default = "maybe"\n', 1, "default must be 'allow' or 'deny'"),
     ('denied_paste = "burn"\n', 1, "denied_paste must be"),
-    ('default = "allow"\n\n[[rule]]\nsource = "a"\ntarget = "b"\ndecision = "perhaps"\n', 6, "decision must be"),
+    ('default = "allow"\n\n[[rule]]\nsource = "a"\ntarget = "b"\ndecision = "perhaps"\n', 6,
+     "decision must be"),
     ('[[rule]]\nsource = "a"\ntarget = "b"\n', 1, "the rule has no 'decision'"),
     ('[[rule]]\nsource = "a"\ntarget = "b"\ndecision = "allow"\n\n[[rule]]\nsource = "a"\n'
      'target = "b"\ndecision = "allow"\ncolour = "red"\n', 10, "unknown key 'colour'"),

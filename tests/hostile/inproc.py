@@ -7,6 +7,7 @@ rounds and check the invariants after each.
 
 from __future__ import annotations
 
+import itertools
 import os
 import secrets
 import time
@@ -23,7 +24,6 @@ from guestdrv.clipboard import HeadlessClipboard
 from guestdrv.driver import GuestDriver
 from shm import layout
 from shm.memory import Buffer, GuardedBuffer
-
 
 FIGURES: dict[str, Any] = {}
 """Figures a test wants in the closing report; printed by conftest at the end of the run."""
@@ -82,7 +82,7 @@ def double_fetches(reads: list[tuple[int, int]], size: int) -> list[str]:
         and any(lo <= offset < hi for lo, hi in guest_areas)
     )
     found = []
-    for (a_lo, a_hi), (b_lo, b_hi) in zip(spans, spans[1:], strict=False):
+    for (a_lo, a_hi), (b_lo, b_hi) in itertools.pairwise(spans):
         if b_lo < a_hi:
             found.append(f"[{a_lo}, {a_hi}) and [{b_lo}, {b_hi})")
     return found

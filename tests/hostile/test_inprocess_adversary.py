@@ -102,7 +102,8 @@ def test_adversary_in_process(lab: InProcessLab, figures: dict[str, Any]) -> Non
             lab.pump()
             if step % 100 == 50:
                 # An honest round, attacked between each of its broker rounds.
-                content = rng.randbytes(rng.choice((24, 100, 5000, 200_000)))  # >= 24: a shorter one may occur by chance
+                # At least 24 bytes: a shorter secret could occur in mallory's bytes by chance.
+                content = rng.randbytes(rng.choice((24, 100, 5000, 200_000)))
                 lab.set_clipboard("alice", content)
                 reply = lab.gesture("copy", "alice", between=attack)
                 assert reply["ok"], reply
