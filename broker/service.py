@@ -84,6 +84,13 @@ class _Gesture:
     limit: int = 0
 
 
+def _echo(value: object, most: int = 60) -> str:
+    """A client's value quoted back in a reply, cut short: a 64 KiB request must not
+    make a reply over the frame limit."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def _forbid_core_dumps() -> None:
     """The global clipboard must never reach the disk, so no core dumps of us."""
     try:
@@ -268,11 +275,11 @@ class Broker:
             conn.reply(self.status())
             return
         if op not in ("copy", "paste"):
-            conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+            conn.reply({"ok": False, "message": f"unknown request {_echo(op)}"})
             return
         if not isinstance(vm_name, str) or vm_name not in self.vms:
             known = ", ".join(self.vms)
-            conn.reply({"ok": False, "message": f"unknown VM {vm_name!r}; this broker serves {known}"})
+            conn.reply({"ok": False, "message": f"unknown VM {_echo(vm_name)}; this broker serves {known}"})
             return
         vm = self.vms[vm_name]
         # The policy first: a denied paste is denied whatever state the target is in.

@@ -76,7 +76,10 @@ class FrameDecoder:
                 return None
             try:
                 header = json.loads(bytes(self._buffer[:end]), object_pairs_hook=_no_duplicates)
-            except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            except RecursionError:
+                # "[[[[..." fits in MAX_HEADER and exhausts the parser's stack.
+                raise FrameError("request is nested too deeply") from None
+            except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of too many digits
                 raise FrameError(f"request is not valid JSON: {exc}") from exc
             if not isinstance(header, dict):
                 raise FrameError("request must be a JSON object")
