@@ -247,7 +247,7 @@ class Broker:
 
     def _audit(self, gesture: _Gesture, vm: str, outcome: str, reason: str, size: int | None = None) -> None:
         source, target = (vm, "clipboard") if gesture.kind == "copy" else (gesture.source, vm)
-        self.audit.record(gesture.kind, source=source, target=target,
+        self.audit.record(gesture.kind, source=source or None, target=target,
                           size=gesture.size if size is None else size, outcome=outcome, reason=reason)
 
     def _deny_paste(self, vm: VmLink) -> dict[str, Any] | None:
