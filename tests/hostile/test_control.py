@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import selectors
@@ -47,10 +48,8 @@ def raw(lab: HostLab, data: bytes, *, shutdown: bool = False) -> dict[str, Any]:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
         conn.settimeout(15)
         conn.connect(str(lab.socket))
-        try:
+        with contextlib.suppress(BrokenPipeError):  # it answered and closed first: read the answer
             conn.sendall(data)
-        except BrokenPipeError:
-            pass  # it answered and closed before we finished writing: read the answer
         if shutdown:
             conn.shutdown(socket.SHUT_WR)
         reply = b""
@@ -80,10 +79,9 @@ def as_nobody(path: Path, data: bytes) -> tuple[str, bytes]:
                 except PermissionError:
                     os.write(write_end, b"EACCES\n")
                 else:
-                    try:
+                    # Refused at accept, the answer may already be waiting.
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                         conn.sendall(data)
-                    except (BrokenPipeError, ConnectionResetError):
-                        pass  # refused at accept: the answer is already waiting
                     os.write(write_end, b"REPLY\n" + conn.recv(65536))
         except BaseException as exc:  # report anything, then leave without pytest's cleanup
             os.write(write_end, f"ERROR {exc!r}\n".encode())
@@ -191,10 +189,8 @@ def test_a_silent_client_is_timed_out(tmp_path: Path) -> None:
                 for key, _ in selector.select(0.01):
                     key.data()
                 server.expire(time.monotonic())
-                try:
+                with contextlib.suppress(TimeoutError):
                     reply = client.recv(1000)
-                except TimeoutError:
-                    pass
         assert json.loads(reply) == {"ok": False, "error": "request incomplete; timed out"}
         assert handled == []
     finally:
