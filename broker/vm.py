@@ -45,6 +45,9 @@ DROP_LOG_INTERVAL_S = 5.0
 many a guest floods in (each is still counted)."""
 MAX_RECORDS_PER_SERVICE = 256
 """Fairness bound: records taken from one VM before serving the next."""
+MAX_BYTES_PER_SERVICE = 512 * 1024
+"""Fairness bound: payload bytes taken from one VM before serving the next (a
+flooding guest's junk costs the broker at most this much copying per round)."""
 CHUNK_SIZE = 256 * 1024
 
 
@@ -119,7 +122,8 @@ class VmLink:
     def service(self, now: float) -> tuple[bool, list[HostEvent]]:
         """Look at the guest once: attach state, incoming records, outgoing records.
 
-        Returns (whether anything moved, events for the broker).  Never raises
+        Returns (whether anything moved, dropped records not counted; events for
+        the broker).  Never raises
         for anything the guest wrote.
         """
         if self._is_faulty and (now < self._faulty_until or not self._recover(now)):
@@ -137,7 +141,11 @@ class VmLink:
             def deliver(message: Message) -> None:
                 events.extend(self.channel.receive(message, now))
 
-            moved = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE)
+            taken = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE,
+                          max_bytes=MAX_BYTES_PER_SERVICE)
+            # Records we only drop are no progress: a guest flooding unsolicited records
+            # must not keep the broker spinning (it backs off, and the others get the CPU).
+            moved = taken - sum(isinstance(event, Dropped) for event in events)
             moved += flush(
                 self.producer,
                 self.channel,

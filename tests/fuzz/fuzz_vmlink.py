@@ -28,7 +28,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # this checkout, not an installed copy
 
-import atheris  # noqa: E402
+import atheris
 
 with atheris.instrument_imports():
     from broker.vm import VmLink
@@ -69,8 +69,12 @@ class BufferRegion:
 
 
 REGION = BufferRegion()
-GUEST_AREAS = ((layout.GUEST_SESSION_OFF, 512), (layout.G2H_TAIL_OFF, layout.G2H_TAIL_OFF + 8),
-               (layout.H2G_HEAD_OFF, layout.H2G_HEAD_OFF + 8), (G2H.data_offset, G2H.data_offset + G2H.capacity))
+GUEST_AREAS = (
+    (layout.GUEST_SESSION_OFF, 512),
+    (layout.G2H_TAIL_OFF, layout.G2H_TAIL_OFF + 8),
+    (layout.H2G_HEAD_OFF, layout.H2G_HEAD_OFF + 8),
+    (G2H.data_offset, G2H.data_offset + G2H.capacity),
+)
 
 
 def test_one_input(data: bytes) -> None:

@@ -95,10 +95,24 @@ def test_a_faulty_vm_is_reinitialised_and_its_driver_reattaches(lab: HostLab) ->
 
 
 def _kill_mid_transfer(lab: HostLab, op: str, vm: str, state: str) -> subprocess.CompletedProcess[str]:
-    """Start `op vm`, SIGKILL vm's driver while the transfer is in `state`."""
+    """Start `op vm`, SIGKILL vm's driver while the transfer is in `state`.
+
+    The driver is kept stopped and let run in 2 ms slices: the transfer creeps
+    forward, and its state is read while the driver is frozen, so the kill
+    lands inside the transfer however fast the machine is.
+    """
+    pid = lab.guests[vm].pid
+    os.kill(pid, signal.SIGSTOP)
     thread, out = gesture_in_thread(lab, op, vm)
     try:
-        wait_for(f"{vm} to be {state}", lambda: vm_state(lab, vm)["transfer"] == state, timeout=20)
+        deadline = time.monotonic() + 30
+        while vm_state(lab, vm)["transfer"] != state:
+            assert thread.is_alive(), f"the {op} ended before the driver could be killed"
+            assert time.monotonic() < deadline, f"{vm} never reached {state}"
+            os.kill(pid, signal.SIGCONT)
+            time.sleep(0.002)
+            os.kill(pid, signal.SIGSTOP)
+            time.sleep(0.01)
     finally:
         lab.stop_guest(vm, kill=True)
         thread.join(60)
