@@ -179,13 +179,15 @@ def _print_status(reply: dict[str, Any]) -> None:
         caps = vm["capabilities"]
         caps_text = ("C" if caps & 1 else "-") + ("P" if caps & 2 else "-")
         print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
-              f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  {vm['last_fault'] or '-'}")
+              f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  "
+              f"{vm['last_fault'] or vm.get('region_problem') or '-'}")
     clip = reply.get("clipboard", {})
     if clip.get("empty", True):
         print("global clipboard: empty")
     else:
+        expiry = f", wiped in {clip['expires_in_s']:.0f} s unless pasted" if "expires_in_s" in clip else ""
         print(f"global clipboard: {clip['size']} bytes from {clip['source']}, "
-              f"copied {clip['age_s']:.0f} s ago")
+              f"copied {clip['age_s']:.0f} s ago{expiry}")
 
 
 def main(argv: list[str] | None = None) -> int:
