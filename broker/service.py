@@ -114,6 +114,7 @@ class Broker:
         self._wake_r, self._wake_w = socket.socketpair()
         self.audit = AuditLog(config.audit_path)
         self._clipboard_expires: float | None = None
+        self._wipe_after_paste = False  # a denial asked for a wipe while a paste streamed
         self._faults_seen: dict[str, int] = {}
 
     # Lifetime --------------------------------------------------------------
@@ -235,7 +236,7 @@ class Broker:
         """Wipe the global clipboard once its time to live is over (never under a paste)."""
         if self._clipboard_expires is None or now < self._clipboard_expires:
             return
-        if any(g.kind == "paste" for g in self._gestures.values()):
+        if self._paste_in_flight():
             return  # the paste streams from it; it expires when that paste ends, if it fails
         if not self.clipboard.empty:
             self.audit.record("expire", source=self.clipboard.source, target="clipboard",
@@ -244,6 +245,11 @@ class Broker:
             log.info("global clipboard expired unpasted after %g s; wiped", self.config.clipboard_ttl_s)
         self.clipboard.wipe()
         self._clipboard_expires = None
+
+    def _paste_in_flight(self) -> bool:
+        """A paste streams straight from the global clipboard's buffer: wiping it (in
+        place) now would send zeros in its stead."""
+        return any(g.kind == "paste" for g in self._gestures.values())
 
     def _audit(self, gesture: _Gesture, vm: str, outcome: str, reason: str, size: int | None = None) -> None:
         source, target = (vm, "clipboard") if gesture.kind == "copy" else (gesture.source, vm)
@@ -258,6 +264,9 @@ class Broker:
             return None
         if self.config.policy.keep_on_deny:
             after = "global clipboard kept"
+        elif self._paste_in_flight():
+            self._wipe_after_paste = True
+            after = "global clipboard wiped once the paste in progress ends"
         else:
             self.clipboard.wipe()
             after = "global clipboard wiped"
@@ -331,6 +340,9 @@ class Broker:
         log.info("gesture %s %s: %s", gesture.kind, vm.name, reply["message"])
         self._audit(gesture, vm.name, "ok" if reply["ok"] else "failed", reply["message"],
                     size=reply.get("size", getattr(event, "size", None)))
+        if self._wipe_after_paste and not self._paste_in_flight():
+            self._wipe_after_paste = False
+            self.clipboard.wipe()
         gesture.conn.reply(reply)
 
     def _conclude(self, vm: VmLink, event: HostEvent, limit: int) -> dict[str, Any]:

@@ -194,3 +194,26 @@ def test_the_cli_reports_a_denied_paste_as_a_failure(tmp_path: Path) -> None:
             f"paste to bob DENIED, nothing pasted: denied by policy ({config}: default deny); "
             "global clipboard kept")
         assert lab.status()["policy"] == str(config)
+
+
+def test_a_denial_that_wipes_never_corrupts_a_paste_in_flight(tmp_path: Path) -> None:
+    policy = parse_policy('denied_paste = "wipe"\n[[rule]]\nsource = "*"\ntarget = "carol"\n'
+                          'decision = "deny"\n[[rule]]\nsource = "*"\ntarget = "*"\ndecision = "allow"\n')
+    lab = InProcessLab(tmp_path, ["alice", "bob", "carol"], ["alice", "bob", "carol"], policy=policy,
+                       limit=1 << 20)
+    try:
+        lab.attach_all()
+        content = os.urandom(900_000)  # more than the ring holds: the paste is still streaming below
+        assert copy(lab, "alice", content)["ok"]
+        conn = FakeConnection()
+        lab.broker._on_request(cast(Connection, conn), Frame({"op": "paste", "vm": "bob"}))
+        lab.broker.poll_once(time.monotonic())  # the first chunks go out; bob has read nothing
+        denied = lab.gesture("paste", "carol")
+        assert denied["denied"] and denied["message"].endswith(
+            "global clipboard wiped once the paste in progress ends")
+        while not conn.replies:
+            lab.pump()
+        assert conn.replies[0]["ok"] and lab.clipboard_of("bob") == content  # whole, not zeros
+        assert lab.broker.clipboard.empty
+    finally:
+        lab.close()
