@@ -25,6 +25,7 @@ from broker.hotkeys import (
 )
 from broker.names import check_vm_name
 from broker.notify import Notifier
+from broker.policy import ALLOW_ALL, load_policy
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import call, parse_size, report, setup_logging
@@ -64,6 +65,16 @@ def _shm_prefix(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
         raise argparse.ArgumentTypeError(f"shm prefix {text!r} must be letters, digits, '.', '-', '_'")
     return text
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 1e9:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds")
+    return value
 
 
 def _group(text: str) -> int:
@@ -125,6 +136,14 @@ def build_parser() -> argparse.ArgumentParser:
                        help="name prefix of the /dev/shm files (default ivclip-: /dev/shm/ivclip-VM)")
     serve.add_argument("--unlink-on-exit", action="store_true",
                        help="remove the /dev/shm files on exit (running VMs keep a dead copy)")
+    serve.add_argument("--config", type=Path, metavar="PATH",
+                       help="policy file (TOML): who may paste where, size limits, the default; "
+                            "without it every paste is allowed")
+    serve.add_argument("--audit-log", type=Path, metavar="PATH",
+                       help="append one JSON line per gesture and outcome here "
+                            "(default: $XDG_RUNTIME_DIR/ivclip/audit.log)")
+    serve.add_argument("--clipboard-ttl", type=_seconds, metavar="SECONDS",
+                       help="wipe the global clipboard if nobody pastes it within SECONDS")
     serve.add_argument("--log-level", default="info")
 
     for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
@@ -174,6 +193,11 @@ def _serve(args: argparse.Namespace) -> int:
     if len(set(args.vm)) != len(args.vm):
         print("error: a VM is named twice", file=sys.stderr)
         return 2
+    try:
+        policy = ALLOW_ALL if args.config is None else load_policy(args.config)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     config = BrokerConfig(
         vms=args.vm,
         socket_path=_socket(args),
@@ -184,10 +208,16 @@ def _serve(args: argparse.Namespace) -> int:
         unlink_on_exit=args.unlink_on_exit,
         shm_mode=0o600 if args.shm_group is None else 0o660,
         shm_group=args.shm_group,
+        policy=policy,
+        audit_path=args.audit_log or runtime_dir() / "audit.log",
+        clipboard_ttl_s=args.clipboard_ttl,
     )
     broker = Broker(config)
     try:
         broker.start()
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except (ControlError, RegionError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -206,13 +236,15 @@ def _print_status(reply: dict[str, Any]) -> None:
         caps = vm["capabilities"]
         caps_text = ("C" if caps & 1 else "-") + ("P" if caps & 2 else "-")
         print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
-              f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  {vm['last_fault'] or '-'}")
+              f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  "
+              f"{vm['last_fault'] or vm.get('region_problem') or '-'}")
     clip = reply.get("clipboard", {})
     if clip.get("empty", True):
         print("global clipboard: empty")
     else:
+        expiry = f", wiped in {clip['expires_in_s']:.0f} s unless pasted" if "expires_in_s" in clip else ""
         print(f"global clipboard: {clip['size']} bytes from {clip['source']}, "
-              f"copied {clip['age_s']:.0f} s ago")
+              f"copied {clip['age_s']:.0f} s ago{expiry}")
 
 
 def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:

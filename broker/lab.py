@@ -72,12 +72,17 @@ class HostLab:
     def region_path(self, vm: str) -> Path:
         return SHM_DIR / f"{self.prefix}{vm}"
 
+    @property
+    def audit_path(self) -> Path:
+        return self.workdir / "audit.log"
+
     def guest_socket(self, vm: str) -> Path:
         return self.workdir / f"guest-{vm}.sock"
 
     def start_broker(self) -> None:
         args = ["-m", "broker", "serve", "--socket", str(self.socket), "--size", self.size,
-                "--shm-prefix", self.prefix, "--unlink-on-exit", *self.broker_args]
+                "--shm-prefix", self.prefix, "--unlink-on-exit", "--audit-log", str(self.audit_path),
+                *self.broker_args]
         for vm in self.vms:
             args += ["--vm", vm]
         self.broker = self._spawn(args, "broker.log")

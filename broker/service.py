@@ -9,6 +9,10 @@ Gestures arrive only on the control socket (owner-only, peer-credential
 checked).  A copy gesture for VM X is the only way X's data enters the global
 clipboard; a paste gesture for VM Y is the only way the global clipboard
 leaves the broker, into Y's region alone, after which it is wiped.
+
+The policy (broker.policy) is asked before a paste starts; a denied paste
+never touches any region.  Every gesture and every outcome goes to the audit
+log (broker.audit), as do faults and expiries of the global clipboard.
 """
 
 from __future__ import annotations
@@ -24,8 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from broker.audit import AuditLog
 from broker.clipboard import GlobalClipboard
+from broker.errors import ConfigError
 from broker.names import shm_name
+from broker.policy import ALLOW_ALL, Policy, Request, check_ceiling, check_names, decide, size_limit
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
@@ -64,6 +71,9 @@ class BrokerConfig:
     unlink_on_exit: bool = False
     shm_mode: int = 0o600
     shm_group: int | None = None
+    policy: Policy = ALLOW_ALL
+    audit_path: Path | None = None
+    clipboard_ttl_s: float | None = None
 
 
 @dataclass(slots=True)
@@ -72,6 +82,16 @@ class _Gesture:
     conn: Connection
     transfer_id: int
     started: float = field(default_factory=time.monotonic)
+    source: str = ""  # for the audit log: where the content comes from
+    size: int = 0
+    limit: int = 0
+
+
+def _echo(value: object, most: int = 60) -> str:
+    """A client's value quoted back in a reply, cut short: a 64 KiB request must not
+    make a reply over the frame limit."""
+    text = repr(value)
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def _forbid_core_dumps() -> None:
@@ -106,16 +126,28 @@ class Broker:
         self._server: ControlServer | None = None
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
+        self.audit = AuditLog(config.audit_path)
+        self._clipboard_expires: float | None = None
+        self._wipe_after_paste = False  # a denial asked for a wipe while a paste streamed
+        self._faults_seen: dict[str, int] = {}
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
         """Take the lock, create and initialise every region, listen.
 
         Raises:
+            ConfigError: the policy names a VM we do not serve, has a limit over ours, or
+                the audit log cannot be opened.
             ControlError: another broker holds the socket's lock, or the socket cannot be bound.
             RegionError: a region cannot be created (RegionBusyError: another broker owns it).
         """
         _forbid_core_dumps()
+        check_names(self.config.policy, self.config.vms)
+        check_ceiling(self.config.policy, self.config.clipboard_limit)
+        try:
+            self.audit.open()
+        except OSError as exc:
+            raise ConfigError(f"cannot open the audit log {self.config.audit_path}: {exc.strerror}") from exc
         self._lock.acquire("ivclip broker")
         try:
             for name in self.config.vms:
@@ -159,9 +191,12 @@ class Broker:
     def close(self) -> None:
         """Fail pending gestures, wipe the global clipboard and every region, release all."""
         for vm_name, gesture in list(self._gestures.items()):
-            gesture.conn.reply({"ok": False, "message": f"{vm_name}: the broker is shutting down"})
+            message = f"{vm_name}: the broker is shutting down"
+            self._audit(gesture, vm_name, "failed", message)
+            gesture.conn.reply({"ok": False, "message": message})
         self._gestures.clear()
         self.clipboard.wipe()
+        self.audit.close()
         for vm in self.vms.values():
             vm.shutdown(unlink=self.config.unlink_on_exit)
         self.vms.clear()
@@ -184,6 +219,7 @@ class Broker:
                 next_beat = now + layout.HEARTBEAT_PERIOD_S
                 if self._server is not None:
                     self._server.expire(now)
+            self.expire_clipboard(now)
             if moved:
                 backoff.reset()
             busy = any(vm.busy for vm in self.vms.values())
@@ -197,9 +233,62 @@ class Broker:
         for vm in self.vms.values():
             did_move, events = vm.service(now)
             moved |= did_move
+            if vm.counters.faults != self._faults_seen.get(vm.name, 0):
+                self._faults_seen[vm.name] = vm.counters.faults
+                self.audit.record("fault", source=vm.name, target=None, size=None, outcome="failed",
+                                  reason=f"{vm.name} marked faulty: {vm.last_fault}")
             for event in events:
                 self._on_event(vm, event)
         return moved
+
+    def copy_limit(self, vm: str) -> int:
+        """The most a copy from `vm` may bring: the broker's limit, or the policy's if lower."""
+        limit = size_limit(self.config.policy, "clipboard", vm)
+        return self.config.clipboard_limit if limit is None else min(limit, self.config.clipboard_limit)
+
+    def expire_clipboard(self, now: float) -> None:
+        """Wipe the global clipboard once its time to live is over (never under a paste)."""
+        if self._clipboard_expires is None or now < self._clipboard_expires:
+            return
+        if self._paste_in_flight():
+            return  # the paste streams from it; it expires when that paste ends, if it fails
+        if not self.clipboard.empty:
+            self.audit.record("expire", source=self.clipboard.source, target="clipboard",
+                              size=self.clipboard.size, outcome="wiped",
+                              reason=f"nobody pasted it within {self.config.clipboard_ttl_s:g} s")
+            log.info("global clipboard expired unpasted after %g s; wiped", self.config.clipboard_ttl_s)
+        self.clipboard.wipe()
+        self._clipboard_expires = None
+
+    def _paste_in_flight(self) -> bool:
+        """A paste streams straight from the global clipboard's buffer: wiping it (in
+        place) now would send zeros in its stead."""
+        return any(g.kind == "paste" for g in self._gestures.values())
+
+    def _audit(self, gesture: _Gesture, vm: str, outcome: str, reason: str, size: int | None = None) -> None:
+        source, target = (vm, "clipboard") if gesture.kind == "copy" else (gesture.source, vm)
+        self.audit.record(gesture.kind, source=source or None, target=target,
+                          size=gesture.size if size is None else size, outcome=outcome, reason=reason)
+
+    def _deny_paste(self, vm: VmLink) -> dict[str, Any] | None:
+        """Ask the policy about a paste of the global clipboard to `vm`; act on a denial."""
+        source, size = self.clipboard.source, self.clipboard.size
+        decision = decide(self.config.policy, Request("clipboard", source, vm.name, size))
+        if decision.allow:
+            return None
+        if self.config.policy.keep_on_deny:
+            after = "global clipboard kept"
+        elif self._paste_in_flight():
+            self._wipe_after_paste = True
+            after = "global clipboard wiped once the paste in progress ends"
+        else:
+            self.clipboard.wipe()
+            after = "global clipboard wiped"
+        message = f"paste to {vm.name} DENIED, nothing pasted: {decision.reason}; {after}"
+        log.info("gesture paste %s: %s", vm.name, message)
+        self.audit.record("paste", source=source, target=vm.name, size=size, outcome="denied",
+                          reason=message)
+        return {"ok": False, "denied": True, "message": message}
 
     # Gestures --------------------------------------------------------------
     def _on_request(self, conn: Connection, frame: Frame) -> None:
@@ -209,32 +298,40 @@ class Broker:
             conn.reply(self.status())
             return
         if op not in ("copy", "paste"):
-            conn.reply({"ok": False, "message": f"unknown request {op!r}"})
+            conn.reply({"ok": False, "message": f"unknown request {_echo(op)}"})
             return
         if not isinstance(vm_name, str) or vm_name not in self.vms:
             known = ", ".join(self.vms)
-            conn.reply({"ok": False, "message": f"unknown VM {vm_name!r}; this broker serves {known}"})
+            conn.reply({"ok": False, "message": f"unknown VM {_echo(vm_name)}; this broker serves {known}"})
             return
         vm = self.vms[vm_name]
+        # The policy first: a denied paste is denied whatever state the target is in.
+        denial = self._deny_paste(vm) if op == "paste" and not self.clipboard.empty else None
+        if denial:
+            conn.reply(denial)
+            return
+        source = vm_name if op == "copy" else self.clipboard.source
+        size = 0 if op == "copy" else self.clipboard.size
+        gesture = _Gesture(op, conn, secrets.randbits(64) or 1, source=source, size=size,
+                           limit=self.copy_limit(vm_name))
         refusal = self._refuse_gesture(op, vm)
         if refusal:
             log.info("gesture %s %s refused: %s", op, vm_name, refusal)
+            self._audit(gesture, vm_name, "refused", refusal, size=None if op == "copy" else size)
             conn.reply({"ok": False, "message": refusal})
             return
-        transfer_id = secrets.randbits(64) or 1
         now = time.monotonic()
         if op == "copy":
-            vm.channel.start_copy(transfer_id, self.config.clipboard_limit, now)
+            vm.channel.start_copy(gesture.transfer_id, gesture.limit, now)
         else:
             assert self.clipboard.data is not None
-            vm.channel.start_paste(transfer_id, self.clipboard.data, now)
+            vm.channel.start_paste(gesture.transfer_id, self.clipboard.data, now)
         log.info("gesture %s %s started", op, vm_name)
-        self._gestures[vm_name] = _Gesture(op, conn, transfer_id)
+        self._gestures[vm_name] = gesture
 
     def _refuse_gesture(self, op: str, vm: VmLink) -> str | None:
-        # broker/policy.py (the per-VM policy file, built separately) plugs in here: a pure
-        # decision on (op, vm, clipboard source and types) before anything moves.  Its per-VM
-        # text policy is enforced by the receiving driver (guestdrv --text-policy).
+        # The policy was asked before this (see _on_request); the per-VM text policy is
+        # enforced by the receiving driver (guestdrv --text-policy).
         now = time.monotonic()
         if op == "paste" and self.clipboard.empty:
             return "nothing to paste: the global clipboard is empty"
@@ -260,11 +357,16 @@ class Broker:
         if isinstance(event, Dropped) or gesture is None or gesture.transfer_id != event.transfer_id:
             return
         del self._gestures[vm.name]
-        reply = self._conclude(vm, event)
+        reply = self._conclude(vm, event, gesture.limit)
         log.info("gesture %s %s: %s", gesture.kind, vm.name, reply["message"])
+        self._audit(gesture, vm.name, "ok" if reply["ok"] else "failed", reply["message"],
+                    size=reply.get("size", getattr(event, "size", None)))
+        if self._wipe_after_paste and not self._paste_in_flight():
+            self._wipe_after_paste = False
+            self.clipboard.wipe()
         gesture.conn.reply(reply)
 
-    def _conclude(self, vm: VmLink, event: HostEvent) -> dict[str, Any]:
+    def _conclude(self, vm: VmLink, event: HostEvent, limit: int) -> dict[str, Any]:
         timeout = f"{self.config.timeout_s:g}"
         match event:
             case CopyCompleted(_, data):
@@ -280,6 +382,8 @@ class Broker:
                         f"{vm.name} sent content that is not a valid typed clipboard ({exc}); "
                         "refused, global clipboard wiped")}
                 self.clipboard.take(data, vm.name, types)
+                if self.config.clipboard_ttl_s is not None:
+                    self._clipboard_expires = time.monotonic() + self.config.clipboard_ttl_s
                 size = self.clipboard.content_size
                 return {"ok": True, "message": f"copied {size} bytes from {vm.name} ({_kinds(types)})",
                         "size": size, "types": [mime for mime, _ in types]}
@@ -287,7 +391,7 @@ class Broker:
                 self.clipboard.wipe()
                 return {"ok": False, "message": (
                     f"{vm.name}'s clipboard ({size} bytes) is over the limit of "
-                    f"{self.config.clipboard_limit} bytes; refused, global clipboard wiped")}
+                    f"{limit} bytes; refused, global clipboard wiped")}
             case CopyFailed(_, FailReason.EMPTY, _):
                 return {"ok": False, "message": f"{vm.name}'s clipboard is empty; nothing copied"}
             case CopyFailed(_, FailReason.TIMEOUT, _):
@@ -335,10 +439,14 @@ class Broker:
                 "faults": vm.counters.faults,
                 "last_fault": vm.last_fault,
                 "region": str(vm.region.path),
+                "region_problem": vm.region_problem,
             })
         clip: dict[str, Any] = {"empty": self.clipboard.empty}
         if not self.clipboard.empty:
             clip.update(source=self.clipboard.source, size=self.clipboard.content_size,
                         types=[mime for mime, _ in self.clipboard.types],
                         age_s=round(time.time() - self.clipboard.copied_at, 1))
-        return {"ok": True, "message": "status", "vms": vms, "clipboard": clip}
+            if self._clipboard_expires is not None:
+                clip["expires_in_s"] = round(max(0.0, self._clipboard_expires - now), 1)
+        return {"ok": True, "message": "status", "vms": vms, "clipboard": clip,
+                "policy": self.config.policy.origin}

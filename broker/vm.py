@@ -6,10 +6,19 @@ invalid ring index, record or protocol step marks the VM faulty: one log line
 with the reason, the transfer in flight fails, and the region is
 re-initialised under a new session (at most once per `REINIT_INTERVAL_S`), so
 its driver can re-attach.
+
+The backing file is checked too: its size with one fstat before every round
+(a file truncated from outside would make the next access raise SIGBUS; the
+guarded mapping turns that into BackingLostError for the window between the
+check and the access), and whether its name still leads to it at every look.
+A resized file is a fault: the size is restored and the region re-initialised.
+A removed or replaced name is reported (log and status) but does not stop
+service: our mapping, and a running VM's, still reach the same memory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import logging
 import secrets
@@ -20,7 +29,7 @@ from protocol.errors import RemoteProtocolError
 from protocol.messages import CHUNK_HEADER_SIZE, Message
 from protocol.pump import drain, flush
 from shm import layout
-from shm.errors import RingCorruptError
+from shm.errors import BackingLostError, RegionError, RingCorruptError
 from shm.region import Region, initialise, wipe
 from shm.ring import RingConsumer, RingProducer
 
@@ -31,8 +40,14 @@ ATTACH_LOOK_S = 0.1
 STALE_AFTER_S = 2.0
 """A driver whose heartbeat has not moved for this long counts as gone."""
 REINIT_INTERVAL_S = 1.0
+DROP_LOG_INTERVAL_S = 5.0
+"""At most one log line per VM per this period about unsolicited records, however
+many a guest floods in (each is still counted)."""
 MAX_RECORDS_PER_SERVICE = 256
 """Fairness bound: records taken from one VM before serving the next."""
+MAX_BYTES_PER_SERVICE = 512 * 1024
+"""Fairness bound: payload bytes taken from one VM before serving the next (a
+flooding guest's junk costs the broker at most this much copying per round)."""
 CHUNK_SIZE = 256 * 1024
 
 
@@ -68,6 +83,9 @@ class VmLink:
         self._is_faulty = False
         self._my_heartbeat = 0
         self._caps_mirrored = -1
+        self._drops_unlogged = 0
+        self._next_drop_log = 0.0
+        self.region_problem = ""
         self._reinitialise()
 
     # Setup -----------------------------------------------------------------
@@ -104,25 +122,30 @@ class VmLink:
     def service(self, now: float) -> tuple[bool, list[HostEvent]]:
         """Look at the guest once: attach state, incoming records, outgoing records.
 
-        Returns (whether anything moved, events for the broker).  Never raises
+        Returns (whether anything moved, dropped records not counted; events for
+        the broker).  Never raises
         for anything the guest wrote.
         """
-        if self._is_faulty:
-            if now < self._faulty_until:
-                return False, []
-            self._is_faulty = False
-            self._reinitialise()
-            log.info("%s: region re-initialised after a fault; waiting for its driver", self.name)
+        if self._is_faulty and (now < self._faulty_until or not self._recover(now)):
+            return False, []
+        problem = self.region.size_problem()
+        if problem:
+            return True, self._count(self.fault(problem, now), now)
         events: list[HostEvent] = []
         try:
             if now >= self._next_look or self.busy:
                 events += self._look_at_guest(now)
                 self._next_look = now + ATTACH_LOOK_S
+                self._check_path()
 
             def deliver(message: Message) -> None:
                 events.extend(self.channel.receive(message, now))
 
-            moved = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE)
+            taken = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE,
+                          max_bytes=MAX_BYTES_PER_SERVICE)
+            # Records we only drop are no progress: a guest flooding unsolicited records
+            # must not keep the broker spinning (it backs off, and the others get the CPU).
+            moved = taken - sum(isinstance(event, Dropped) for event in events)
             moved += flush(
                 self.producer,
                 self.channel,
@@ -130,18 +153,50 @@ class VmLink:
                 max_records=MAX_RECORDS_PER_SERVICE,
             )
             events += self.channel.tick(now)
-        except (RingCorruptError, RemoteProtocolError) as exc:
+            self._mirror_capabilities()
+        except (RingCorruptError, RemoteProtocolError, BackingLostError) as exc:
             events += self.fault(str(exc), now)
-            return True, self._count(events)
-        self._mirror_capabilities()
-        return moved > 0, self._count(events)
+            return True, self._count(events, now)
+        return moved > 0, self._count(events, now)
 
-    def _count(self, events: list[HostEvent]) -> list[HostEvent]:
+    def _recover(self, now: float) -> bool:
+        """Re-initialise the region after a fault (restoring its size first if needed)."""
+        self._is_faulty = False
+        try:
+            problem = self.region.size_problem()
+            if problem:
+                self.region.restore_size()
+                log.warning("%s: %s; restored its size", self.name, problem)
+            self._reinitialise()
+        except RegionError as exc:  # BackingLostError included: truncated again meanwhile
+            log.warning("%s: cannot re-initialise the region yet: %s", self.name, exc)
+            self.last_fault = str(exc)
+            self._is_faulty = True
+            self._faulty_until = now + REINIT_INTERVAL_S
+            return False
+        log.info("%s: region re-initialised after a fault; waiting for its driver", self.name)
+        return True
+
+    def _check_path(self) -> None:
+        problem = self.region.path_problem() or ""
+        if problem != self.region_problem:
+            if problem:
+                log.warning("%s: %s (restart the broker to recreate it)", self.name, problem)
+            else:
+                log.info("%s: %s leads to our region again", self.name, self.region.path)
+            self.region_problem = problem
+
+    def _count(self, events: list[HostEvent], now: float) -> list[HostEvent]:
         kept: list[HostEvent] = []
         for event in events:
             if isinstance(event, Dropped):
                 self.counters.dropped += 1
-                log.info("%s: dropped an unsolicited %s", self.name, type(event.message).__name__)
+                self._drops_unlogged += 1
+                if now >= self._next_drop_log:
+                    log.info("%s: dropped %d unsolicited record(s) (last: %s; %d in all)", self.name,
+                             self._drops_unlogged, type(event.message).__name__, self.counters.dropped)
+                    self._drops_unlogged = 0
+                    self._next_drop_log = now + DROP_LOG_INTERVAL_S
             else:
                 kept.append(event)
         return kept
@@ -172,7 +227,9 @@ class VmLink:
     def beat(self) -> None:
         """Bump the broker's heartbeat in the region."""
         self._my_heartbeat += 1
-        self.region.mem.store_u64(layout.BROKER_HEARTBEAT_OFF, self._my_heartbeat)
+        # On a truncated file, the next service() finds the size changed and marks the VM faulty.
+        with contextlib.suppress(BackingLostError):
+            self.region.mem.store_u64(layout.BROKER_HEARTBEAT_OFF, self._my_heartbeat)
         self._caps_mirrored = -1  # the guest may have scribbled over the mirror: rewrite it
 
     def _mirror_capabilities(self) -> None:
@@ -195,7 +252,10 @@ class VmLink:
     def shutdown(self, *, unlink: bool) -> None:
         """Fail what is in flight, wipe the region (no content survives us), unmap."""
         self.channel.abort(FailReason.CANCELLED)
-        wipe(self.region.mem)
+        try:
+            wipe(self.region.mem)
+        except BackingLostError as exc:  # truncated: what is left of it is zeroed, or gone
+            log.warning("%s: could not wipe the whole region: %s", self.name, exc)
         if unlink:
             self.region.unlink()
         self.region.close()

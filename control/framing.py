@@ -76,10 +76,11 @@ class FrameDecoder:
                 return None
             try:
                 header = json.loads(bytes(self._buffer[:end]), object_pairs_hook=_no_duplicates)
-            except (ValueError, RecursionError) as exc:
-                # ValueError covers bad UTF-8, bad JSON and integers too long to convert;
-                # RecursionError, absurd nesting.  Both are the client's garbage.
-                raise FrameError(f"request is not valid JSON: {str(exc)[:200]}") from exc
+            except RecursionError:
+                # "[[[[..." fits in MAX_HEADER and exhausts the parser's stack.
+                raise FrameError("request is nested too deeply") from None
+            except ValueError as exc:  # JSONDecodeError, bad UTF-8, an integer of too many digits
+                raise FrameError(f"request is not valid JSON: {exc}") from exc
             if not isinstance(header, dict):
                 raise FrameError("request must be a JSON object")
             size = header.get("body_size", 0)

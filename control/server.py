@@ -113,6 +113,11 @@ class ControlServer:
             self._forget(conn)
             conn.reply({"ok": False, "error": f"bad request: {exc}"})
             return
+        except Exception:  # a decoder bug must cost one client, not the service
+            log.exception("control request could not be decoded")
+            self._forget(conn)
+            conn.reply({"ok": False, "error": "bad request: cannot be decoded; see the log"})
+            return
         if frame is None:
             return
         if conn.decoder.pending:

@@ -37,9 +37,11 @@ class Outgoing(Protocol):
 
 
 def drain(
-    source: RecordSource, deliver: Callable[[Message], None], *, max_records: int
+    source: RecordSource, deliver: Callable[[Message], None], *, max_records: int,
+    max_bytes: int | None = None,
 ) -> int:
-    """Decode and deliver up to `max_records` records; returns how many.
+    """Decode and deliver up to `max_records` records, stopping once `max_bytes` of
+    payload have been taken (if given); returns how many.
 
     Space is handed back to the producer once, at the end (batching).
 
@@ -48,12 +50,14 @@ def drain(
         RemoteProtocolError: a record does not decode, or `deliver` rejects it.
     """
     count = 0
+    taken = 0
     try:
-        while count < max_records:
+        while count < max_records and (max_bytes is None or taken < max_bytes):
             record = source.poll(release=False)
             if record is None:
                 break
             count += 1
+            taken += len(record.payload)
             deliver(decode(record.kind, record.payload))
     finally:
         source.release()

@@ -12,6 +12,15 @@ of several Python statements per record.  tests/test_ring_zero_copy.py checks
 that both versions lay out the same bytes and accept or reject the same
 hostile input.  Keep them in step: a change to `RingProducer._reserve`,
 `try_push` or `RingConsumer._next` must be made here too.
+
+The ``ivc_g_*`` functions are the same accesses made safe against SIGBUS: the
+broker maps files that another local process (QEMU's user, with
+``--shm-group``) could truncate, and touching a page past the new end of file
+raises SIGBUS, which would kill the broker.  A guarded access registers the
+mapping it touches in a thread-local slot; the SIGBUS handler jumps back out
+of the access when the faulting address lies in that mapping, and the function
+returns -1.  Any other SIGBUS is passed on to whatever handler was there
+before (by default: the process dies, as it would have without us).
 """
 
 from cffi import FFI
@@ -37,9 +46,18 @@ size_t ivc_ring_put(char *ring, uint64_t capacity, uint64_t tail, uint64_t head,
 int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
                  uint64_t head, uint64_t tail, char *dst, size_t dst_len,
                  uint32_t *meta, size_t max_records, uint64_t *out);
+int ivc_guard_install(void);
+int ivc_g_load_u64(const char *base, size_t size, size_t offset, uint64_t *out);
+int ivc_g_load_u32(const char *base, size_t size, size_t offset, uint32_t *out);
+int ivc_g_store_u64(char *base, size_t size, size_t offset, uint64_t value);
+int ivc_g_store_u32(char *base, size_t size, size_t offset, uint32_t value);
+int ivc_g_copy(char *dst, const char *src, size_t n, const char *base, size_t size);
+int ivc_g_zero(char *dst, size_t n, const char *base, size_t size);
 """
 
 SOURCE = r"""
+#include <setjmp.h>
+#include <signal.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -290,6 +308,121 @@ int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
     out[1] = done;
     out[2] = used;
     return status;
+}
+
+/* SIGBUS-safe accesses ---------------------------------------------------- */
+
+struct ivc_guard {
+    sigjmp_buf env;
+    const char *lo;
+    const char *hi;
+};
+
+/* initial-exec: the handler must not make glibc allocate a TLS block. */
+static __thread struct ivc_guard *ivc_guard_now __attribute__((tls_model("initial-exec")));
+static struct sigaction ivc_prev_bus;
+static int ivc_guard_ready;
+
+static void ivc_on_bus(int sig, siginfo_t *info, void *uctx)
+{
+    struct ivc_guard *g = ivc_guard_now;
+    const char *addr = (const char *)info->si_addr;
+
+    if (g != NULL && addr >= g->lo && addr < g->hi) {
+        ivc_guard_now = NULL;
+        siglongjmp(g->env, 1);
+    }
+    /* Not one of our guarded accesses: behave as if we were not installed. */
+    if (ivc_prev_bus.sa_flags & SA_SIGINFO) {
+        if (ivc_prev_bus.sa_sigaction != NULL)
+            ivc_prev_bus.sa_sigaction(sig, info, uctx);
+    } else if (ivc_prev_bus.sa_handler == SIG_DFL || ivc_prev_bus.sa_handler == SIG_IGN) {
+        /* The faulting instruction runs again on return and now gets the
+           default action (the kernel forces it for a fault signal). */
+        sigaction(SIGBUS, &ivc_prev_bus, NULL);
+    } else {
+        ivc_prev_bus.sa_handler(sig);
+    }
+}
+
+int ivc_guard_install(void)
+{
+    struct sigaction sa;
+
+    if (ivc_guard_ready)
+        return 0;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_sigaction = ivc_on_bus;
+    /* SA_NODEFER: SIGBUS stays unblocked while the handler runs, so jumping
+       out of it with sigsetjmp(env, 0) (no sigprocmask call per access)
+       leaves the signal mask as it was. */
+    sa.sa_flags = SA_SIGINFO | SA_NODEFER;
+    sigemptyset(&sa.sa_mask);
+    if (sigaction(SIGBUS, &sa, &ivc_prev_bus) != 0)
+        return -1;
+    ivc_guard_ready = 1;
+    return 0;
+}
+
+#define IVC_GUARD(base, size)                                   \
+    struct ivc_guard guard;                                     \
+    guard.lo = (base);                                          \
+    guard.hi = (base) + (size);                                 \
+    if (sigsetjmp(guard.env, 0))                                \
+        return -1;                                              \
+    ivc_guard_now = &guard;                                     \
+    __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+#define IVC_UNGUARD()                                           \
+    __atomic_signal_fence(__ATOMIC_SEQ_CST);                    \
+    ivc_guard_now = NULL
+
+int ivc_g_load_u64(const char *base, size_t size, size_t offset, uint64_t *out)
+{
+    IVC_GUARD(base, size);
+    *out = __atomic_load_n((const uint64_t *)(base + offset), __ATOMIC_ACQUIRE);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_load_u32(const char *base, size_t size, size_t offset, uint32_t *out)
+{
+    IVC_GUARD(base, size);
+    *out = __atomic_load_n((const uint32_t *)(base + offset), __ATOMIC_ACQUIRE);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_store_u64(char *base, size_t size, size_t offset, uint64_t value)
+{
+    IVC_GUARD(base, size);
+    __atomic_store_n((uint64_t *)(base + offset), value, __ATOMIC_RELEASE);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_store_u32(char *base, size_t size, size_t offset, uint32_t value)
+{
+    IVC_GUARD(base, size);
+    __atomic_store_n((uint32_t *)(base + offset), value, __ATOMIC_RELEASE);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_copy(char *dst, const char *src, size_t n, const char *base, size_t size)
+{
+    IVC_GUARD(base, size);
+    ivc_copy(dst, src, n);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_zero(char *dst, size_t n, const char *base, size_t size)
+{
+    IVC_GUARD(base, size);
+    memset(dst, 0, n);
+    IVC_UNGUARD();
+    return 0;
 }
 """
 

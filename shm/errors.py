@@ -5,7 +5,8 @@ Every exception ivclip raises on purpose derives from :class:`IvclipError`::
     IvclipError
     ├── ShmError                   shared-memory transport (this package)
     │   ├── RegionError            a region cannot be created, opened or mapped
-    │   │   └── RegionBusyError    another live broker holds the region's lock
+    │   │   ├── RegionBusyError    another live broker holds the region's lock
+    │   │   └── BackingLostError   the file under a mapping shrank (a SIGBUS was caught)
     │   ├── LayoutError            a mapped region does not carry a valid ivclip header
     │   └── RingCorruptError       the peer wrote ring indices or a record that cannot be valid
     ├── ProtocolError              (protocol.errors) the clipboard protocol
@@ -37,6 +38,13 @@ class RegionError(ShmError):
 
 class RegionBusyError(RegionError):
     """Another live process (a broker) holds the region's lock."""
+
+
+class BackingLostError(RegionError):
+    """An access to a mapping hit a page past the end of its (truncated) backing file.
+
+    Raised instead of dying of SIGBUS, by :class:`shm.memory.GuardedBuffer`.
+    """
 
 
 class LayoutError(ShmError):

@@ -10,18 +10,28 @@ is chosen per process: glibc ``memcpy`` by default, since on the machines
 measured its ``rep movsb`` path is as fast as anything else at every size;
 the alternatives are kept for hosts where it is not (``python -m bench``
 prints the comparison).
+
+:class:`GuardedBuffer` is the broker's variant: the same accesses, each of
+which turns a SIGBUS (the backing file was truncated under the mapping by
+another process) into :class:`~shm.errors.BackingLostError` instead of
+killing the process.  Its zero-copy :attr:`~SharedBuffer.view` is not guarded:
+the broker does not use it.
 """
 
 from __future__ import annotations
 
 import logging
+import struct
 from array import array
 from collections.abc import Sequence
 from typing import Any, Union
 
 from shm._ivclip_c import ffi, lib
+from shm.errors import BackingLostError
 
 log = logging.getLogger(__name__)
+
+_RECORD_HEADER = struct.Struct("<II")  # shm.ring's record header: u32 length, u32 kind
 
 Buffer = bytes | bytearray | memoryview
 # Where the consumer's batch writes (kind, length) pairs: anything writable of uint32.
@@ -271,6 +281,111 @@ def lengths_array(lengths: Sequence[int] | Buffer) -> tuple[Any, int, int, int]:
         return array, 0, 0, 0
     values = memoryview(ffi.buffer(array)).cast("I")
     return array, count, max(values), sum(values)
+
+
+class GuardedBuffer(SharedBuffer):
+    """A :class:`SharedBuffer` whose every access survives a truncated backing file.
+
+    Raises (every access method):
+        IndexError: the access lies outside the buffer.
+        BackingLostError: the pages under the access are gone (SIGBUS caught).
+    """
+
+    __slots__ = ("_u32", "_u64")
+
+    def __init__(self, buffer: Any) -> None:
+        super().__init__(buffer)
+        if lib.ivc_guard_install() != 0:
+            raise OSError("cannot install the SIGBUS guard (sigaction failed)")
+        # One result slot each, reused: a buffer is used by one thread at a time.
+        self._u64: Any = ffi.new("uint64_t *")
+        self._u32: Any = ffi.new("uint32_t *")
+
+    def _lost(self, what: str, offset: int, length: int) -> BackingLostError:
+        return BackingLostError(
+            f"{what} of [{offset}, {offset + length}) hit a page past the end of the backing file "
+            f"(it was truncated under a {self.size}-byte mapping)"
+        )
+
+    def load_u64(self, offset: int) -> int:
+        self._check(offset, 8)
+        if lib.ivc_g_load_u64(self._ptr, self.size, offset, self._u64):
+            raise self._lost("load", offset, 8)
+        return int(self._u64[0])
+
+    def load_u32(self, offset: int) -> int:
+        self._check(offset, 4)
+        if lib.ivc_g_load_u32(self._ptr, self.size, offset, self._u32):
+            raise self._lost("load", offset, 4)
+        return int(self._u32[0])
+
+    def store_u64(self, offset: int, value: int) -> None:
+        self._check(offset, 8)
+        if lib.ivc_g_store_u64(self._ptr, self.size, offset, value):
+            raise self._lost("store", offset, 8)
+
+    def store_u32(self, offset: int, value: int) -> None:
+        self._check(offset, 4)
+        if lib.ivc_g_store_u32(self._ptr, self.size, offset, value):
+            raise self._lost("store", offset, 4)
+
+    def read(self, offset: int, length: int) -> bytes:
+        self._check(offset, length)
+        out = bytearray(length)
+        if length and lib.ivc_g_copy(ffi.from_buffer(out), self._ptr + offset, length, self._ptr, self.size):
+            raise self._lost("read", offset, length)
+        return bytes(out)
+
+    def read_into(self, offset: int, dst: Buffer, dst_offset: int = 0, length: int | None = None) -> int:
+        target = ffi.from_buffer(dst, require_writable=True)
+        if length is None:
+            length = len(target) - dst_offset
+        self._check(offset, length)
+        if dst_offset < 0 or dst_offset + length > len(target):
+            raise IndexError("destination too small")
+        if length and lib.ivc_g_copy(target + dst_offset, self._ptr + offset, length, self._ptr, self.size):
+            raise self._lost("read", offset, length)
+        return length
+
+    def write(self, offset: int, data: Buffer) -> None:
+        length = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._check(offset, length)
+        if length and lib.ivc_g_copy(self._ptr + offset, ffi.from_buffer(data), length, self._ptr, self.size):
+            raise self._lost("write", offset, length)
+
+    def put_header(self, offset: int, length: int, kind: int) -> None:
+        self.write(offset, _RECORD_HEADER.pack(length, kind))
+
+    def put_record(self, offset: int, kind: int, length: int, parts: Sequence[Buffer]) -> None:
+        self._check(offset, 8 + length)
+        if sum(memoryview(part).nbytes for part in parts) != length:
+            raise ValueError("the payload changed size while being written")
+        self.put_header(offset, length, kind)
+        at = offset + 8
+        for part in parts:
+            self.write(at, part)
+            at += memoryview(part).nbytes
+
+    def put_records(self, *args: Any, **kwargs: Any) -> tuple[int, int, int]:
+        """Not available: the batch routines are not SIGBUS-guarded (the broker does not batch).
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError("batch ring writes are not SIGBUS-guarded")
+
+    def get_records(self, *args: Any, **kwargs: Any) -> tuple[int, int, int, int, tuple[int, int, int]]:
+        """Not available: the batch routines are not SIGBUS-guarded (the broker does not batch).
+
+        Raises:
+            NotImplementedError: always.
+        """
+        raise NotImplementedError("batch ring reads are not SIGBUS-guarded")
+
+    def zero(self, offset: int, length: int) -> None:
+        self._check(offset, length)
+        if length and lib.ivc_g_zero(self._ptr + offset, length, self._ptr, self.size):
+            raise self._lost("zero", offset, length)
 
 
 def fence() -> None:

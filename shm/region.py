@@ -6,7 +6,11 @@ Two ways in, kept separate (create is not attach):
   posix_ipc, creating it if needed, takes an exclusive ``flock`` on it (the
   sign that a live broker owns it), sizes and maps it.  An existing object of
   another size is refused, never resized: a running QEMU may have it mapped,
-  and shrinking it under QEMU would kill the VM with SIGBUS.
+  and shrinking it under QEMU would kill the VM with SIGBUS.  The broker's
+  mapping is a :class:`~shm.memory.GuardedBuffer`: should another process
+  truncate the file anyway, an access past the new end raises
+  :class:`~shm.errors.BackingLostError` rather than killing the broker, and
+  :meth:`Region.backing_problem` notices the change before the next access.
 * :meth:`Region.attach` -- a guest driver.  Maps a file as it is: a PCI
   ``resource2`` file inside a VM, or a ``/dev/shm`` file for a guest that runs
   as a host process.
@@ -38,7 +42,7 @@ import posix_ipc
 
 from shm import layout
 from shm.errors import LayoutError, RegionBusyError, RegionError
-from shm.memory import SharedBuffer
+from shm.memory import GuardedBuffer, SharedBuffer
 
 log = logging.getLogger(__name__)
 
@@ -63,9 +67,13 @@ class Region:
         self._fd: int | None = fd
         self._map: mmap.mmap | None = None
         self.mem: SharedBuffer
+        st = os.fstat(fd)
+        self._identity = (st.st_dev, st.st_ino)
         try:
             self._map = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-            self.mem = SharedBuffer(self._map)
+            # The broker (owner) must survive a truncation from outside; a guest
+            # driver maps its own device and keeps the faster unguarded path.
+            self.mem = GuardedBuffer(self._map) if owner else SharedBuffer(self._map)
         except (OSError, ValueError) as exc:
             self.close()
             raise RegionError(f"cannot map {path} ({size} bytes): {exc}") from exc
@@ -176,6 +184,55 @@ class Region:
         if self._fd is None:
             return False
         return os.fstat(self._fd).st_size == self.size
+
+    def size_problem(self) -> str | None:
+        """Why the mapped file is unsafe to touch now (its size changed), or None.
+
+        One fstat: cheap enough to run before every service round.
+        """
+        if self._fd is None:
+            return "the region is closed"
+        try:
+            size = os.fstat(self._fd).st_size
+        except OSError as exc:
+            return f"cannot fstat {self.path}: {exc.strerror}"
+        if size != self.size:
+            return f"{self.path} was resized from outside to {size} bytes (mapped: {self.size})"
+        return None
+
+    def restore_size(self) -> None:
+        """(Broker) Give the file its size back after someone truncated or grew it.
+
+        Pages cut off by a truncation come back as zeros, so QEMU's mapping and
+        ours are whole again; the caller then re-initialises the region.
+
+        Raises:
+            RegionError: the region is closed or ftruncate failed.
+        """
+        if self._fd is None or not self.owner:
+            raise RegionError(f"{self.path}: only an open broker region can be restored")
+        try:
+            os.ftruncate(self._fd, self.size)
+        except OSError as exc:
+            raise RegionError(f"cannot restore the size of {self.path}: {exc.strerror}") from exc
+
+    def path_problem(self) -> str | None:
+        """Whether the name in /dev/shm still leads to the file we mapped, and is ours.
+
+        Our mapping stays valid whatever happens to the name; but a VM started
+        later maps whatever the name leads to.
+        """
+        try:
+            st = os.stat(self.path, follow_symlinks=False)
+        except FileNotFoundError:
+            return f"{self.path} was removed; a VM started now would not find its region"
+        except OSError as exc:
+            return f"cannot stat {self.path}: {exc.strerror}"
+        if (st.st_dev, st.st_ino) != self._identity:
+            return f"{self.path} was replaced by another file; a VM started now would not reach us"
+        if st.st_uid != os.geteuid():
+            return f"{self.path} now belongs to uid {st.st_uid}, not to us ({os.geteuid()})"
+        return None
 
     def __enter__(self) -> Region:
         return self
