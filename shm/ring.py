@@ -58,7 +58,7 @@ class Record:
 
 
 class _RingEnd:
-    __slots__ = ("_capacity", "_data", "_mem", "max_record", "geometry")
+    __slots__ = ("_capacity", "_data", "_mem", "geometry", "max_record")
 
     def __init__(self, mem: SharedBuffer, geometry: RingGeometry, max_record: int) -> None:
         if geometry.capacity % 4096 or geometry.data_offset + geometry.capacity > mem.size:
