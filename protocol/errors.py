@@ -13,3 +13,17 @@ class LocalProtocolError(ProtocolError):
 
 class RemoteProtocolError(ProtocolError):
     """The peer sent a record that is malformed or breaks the protocol."""
+
+
+class FileRefused(RemoteProtocolError):
+    """A file stream breaks a rule of the receiver (a name, a link, a size, the order).
+
+    `code` is the messages.FileCode to answer with, `name` the relative path (raw
+    bytes, as sent) and `detail` the reason, for people.
+    """
+
+    def __init__(self, code: int, name: bytes, detail: str) -> None:
+        super().__init__(f"{detail} ({name[:200]!r})" if name else detail)
+        self.code = code
+        self.name = name
+        self.detail = detail

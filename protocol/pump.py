@@ -37,10 +37,16 @@ class Outgoing(Protocol):
 
 
 def drain(
-    source: RecordSource, deliver: Callable[[Message], None], *, max_records: int
+    source: RecordSource,
+    deliver: Callable[[Message], None],
+    *,
+    max_records: int,
+    gate: Callable[[], bool] | None = None,
 ) -> int:
     """Decode and deliver up to `max_records` records; returns how many.
 
+    `gate` is the channel's flow control: no record is taken while it says
+    False (records then wait in the ring, where they apply backpressure).
     Space is handed back to the producer once, at the end (batching).
 
     Raises:
@@ -49,7 +55,7 @@ def drain(
     """
     count = 0
     try:
-        while count < max_records:
+        while count < max_records and (gate is None or gate()):
             record = source.poll(release=False)
             if record is None:
                 break
