@@ -25,12 +25,15 @@ from pathlib import Path
 from typing import Any
 
 from broker.clipboard import GlobalClipboard
+from broker.files import FILE_OPS, MAX_SEND_PATHS_BODY, FileTransfers
 from broker.names import shm_name
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
 from control.sockets import InstanceLock
+from filexfer.receiver import default_incoming, sweep_partials
 from protocol.channel import (
+    FILE_EVENTS,
     CopyCompleted,
     CopyFailed,
     Dropped,
@@ -39,6 +42,7 @@ from protocol.channel import (
     PasteCompleted,
     PasteFailed,
 )
+from protocol.filestream import LENIENT, STRICT
 from shm import layout
 from shm.backoff import Backoff
 from shm.region import Region
@@ -61,6 +65,8 @@ class BrokerConfig:
     unlink_on_exit: bool = False
     shm_mode: int = 0o600
     shm_group: int | None = None
+    incoming: Path = field(default_factory=default_incoming)
+    allow_unsafe_names: bool = False
 
 
 @dataclass(slots=True)
@@ -92,6 +98,8 @@ class Broker:
         self._server: ControlServer | None = None
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
+        self.files = FileTransfers(self.vms, self._selector, incoming=config.incoming,
+                                   policy=LENIENT if config.allow_unsafe_names else STRICT)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -117,8 +125,9 @@ class Broker:
                 self.config.socket_path,
                 self._selector,
                 self._on_request,
-                max_body=0,
+                max_body=MAX_SEND_PATHS_BODY,
             )
+            sweep_partials(self.config.incoming)
         except BaseException:
             self.close()
             raise
@@ -147,6 +156,7 @@ class Broker:
         for vm_name, gesture in list(self._gestures.items()):
             gesture.conn.reply({"ok": False, "message": f"{vm_name}: the broker is shutting down"})
         self._gestures.clear()
+        self.files.close()
         self.clipboard.wipe()
         for vm in self.vms.values():
             vm.shutdown(unlink=self.config.unlink_on_exit)
@@ -185,6 +195,7 @@ class Broker:
             moved |= did_move
             for event in events:
                 self._on_event(vm, event)
+        moved |= self.files.pump(now)
         return moved
 
     # Gestures --------------------------------------------------------------
@@ -193,6 +204,9 @@ class Broker:
         vm_name = frame.header.get("vm")
         if op == "status":
             conn.reply(self.status())
+            return
+        if op in FILE_OPS:
+            self.files.on_request(conn, frame, time.monotonic())
             return
         if op not in ("copy", "paste"):
             conn.reply({"ok": False, "message": f"unknown request {op!r}"})
@@ -234,6 +248,9 @@ class Broker:
         return f"{vm.name} did not answer: its driver is not attached"
 
     def _on_event(self, vm: VmLink, event: HostEvent) -> None:
+        if isinstance(event, FILE_EVENTS):
+            self.files.on_event(vm, event, time.monotonic())
+            return
         gesture = self._gestures.get(vm.name)
         if isinstance(event, Dropped) or gesture is None or gesture.transfer_id != event.transfer_id:
             return
@@ -302,4 +319,5 @@ class Broker:
         if not self.clipboard.empty:
             clip.update(source=self.clipboard.source, size=self.clipboard.size,
                         age_s=round(time.time() - self.clipboard.copied_at, 1))
-        return {"ok": True, "message": "status", "vms": vms, "clipboard": clip}
+        return {"ok": True, "message": "status", "vms": vms, "clipboard": clip,
+                "files": self.files.status(now)}

@@ -122,7 +122,9 @@ class VmLink:
             def deliver(message: Message) -> None:
                 events.extend(self.channel.receive(message, now))
 
-            moved = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE)
+            # The gate is the channel's flow: a file source's records wait for the relay (broker.files).
+            moved = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE,
+                          gate=self.channel.wants_input)
             moved += flush(
                 self.producer,
                 self.channel,

@@ -327,6 +327,7 @@ class TreeSender:
         self.failure: FileResult | None = None
         self.finished = False
         self.ledger: list[_Sent] | None = [] if move else None
+        self.chunk_size = chunk_size
         self._buffer = bytearray(chunk_size)
         self._stream: Generator[Message, None, None] | None = self._records()
 

@@ -190,10 +190,10 @@ class FileIncomingCancelled:
     transfer_id: int
 
 
-HostEvent = (
-    CopyCompleted | CopyFailed | PasteCompleted | PasteFailed | Dropped
-    | FileOffered | OfferWithdrawn | FileOutcome
-)
+FileEvent = FileOffered | OfferWithdrawn | FileOutcome
+FILE_EVENTS = (FileOffered, OfferWithdrawn, FileOutcome)
+"""The host events that belong to file transfers (broker.files takes them)."""
+HostEvent = CopyCompleted | CopyFailed | PasteCompleted | PasteFailed | Dropped | FileEvent
 GuestEvent = (
     CopyRequested | PasteReceived | Dropped
     | FileSendApproved | FileSendEnded | FileIncoming | FileStreamed | FileIncomingCancelled
@@ -476,9 +476,15 @@ class HostChannel:
             return
         transfer_id = self._transfer_id
         tell: Message = Cancel(transfer_id) if result is None else replace(result, transfer_id=transfer_id)
-        self._to_idle()
-        self._retired_id = transfer_id
+        self._retire()
         self._out.send(tell)
+
+    def _retire(self) -> None:
+        """End a file role.  What is queued (a FileStart or FileBegin not yet in the ring)
+        still goes out first, so the VM always hears of the transfer before its end."""
+        self._retired_id = self._transfer_id
+        self._checker = None
+        self.state = HostState.IDLE
 
     def abort(self, reason: FailReason) -> list[HostEvent]:
         """Drop whatever is in flight (driver detached, VM faulty, shutdown)."""
@@ -489,21 +495,26 @@ class HostChannel:
             events.append(PasteFailed(self._transfer_id, reason, self._paste_size))
         elif self.state in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
             events.append(FileOutcome(self._transfer_id, None, reason))
-            transfer_id = self._transfer_id
-            self._to_idle()
-            self._retired_id = transfer_id
-            if reason is not FailReason.DETACHED:
-                self._out.send(Cancel(transfer_id))  # a slow but live driver stops at once
+            self._retire()
+            # A slow but live driver stops at once; a new driver skips what an old one left.
+            self._out.send(Cancel(self._retired_id))
             return events
         if reason is FailReason.DETACHED:
             self.pending_offer = None  # the driver that offered is gone
         self._to_idle()
         return events
 
-    def drop_offer(self) -> FileOffer | None:
-        """Forget the pending offer (the user rejected it); returns it."""
+    def reject_offer(self) -> FileOffer | None:
+        """The user rejected the pending offer: forget it and tell the VM; returns it."""
         offer, self.pending_offer = self.pending_offer, None
+        if offer is not None:
+            self._out.send(Cancel(offer.offer_id))
         return offer
+
+    @property
+    def output_pending(self) -> bool:
+        """Messages still wait for ring space (a relay must not overtake them)."""
+        return not self._out.drained
 
     def _require_idle(self) -> None:
         if self.state is not HostState.IDLE:
@@ -586,16 +597,12 @@ class HostChannel:
             raise RemoteProtocolError("the receiver confirmed files it has not all been sent")
         if self.state is HostState.FILE_SOURCE and message.code is FileCode.OK:
             raise RemoteProtocolError("a sender cannot declare its own transfer successful")
-        transfer_id = self._transfer_id
-        self._to_idle()
-        self._retired_id = transfer_id
-        return [FileOutcome(transfer_id, message)]
+        self._retire()
+        return [FileOutcome(self._retired_id, message)]
 
     def _on_file_cancel(self, message: Cancel) -> list[HostEvent]:
-        transfer_id = self._transfer_id
-        self._to_idle()
-        self._retired_id = transfer_id
-        return [FileOutcome(transfer_id, None, FailReason.CANCELLED)]
+        self._retire()
+        return [FileOutcome(self._retired_id, None, FailReason.CANCELLED)]
 
     def _on_copy_status(self, message: Status) -> list[HostEvent]:
         reason = {
@@ -786,6 +793,10 @@ class GuestChannel:
                 self._out.detach()
                 self.sending_id = 0
                 return [FileSendEnded(transfer_id, FileResult(transfer_id, FileCode.CANCELLED))]
+            case Cancel(transfer_id) if transfer_id and transfer_id == self.offer_id:
+                self.offer_id = 0
+                return [FileSendEnded(transfer_id, FileResult(
+                    transfer_id, FileCode.REFUSED, detail=b"the host user rejected the offer"))]
             case Cancel(transfer_id) if transfer_id and transfer_id == self.receiving_id:
                 self.receiving_id = 0
                 return [FileIncomingCancelled(transfer_id)]
