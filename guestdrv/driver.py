@@ -21,10 +21,13 @@ from typing import Any
 
 from control.framing import Frame
 from control.server import Connection, ControlServer
+from filexfer.receiver import default_incoming, sweep_partials
 from guestdrv.clipboard import ClipboardBackend
 from guestdrv.device import pick_device
+from guestdrv.files import GuestFiles
 from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, PasteReceived
 from protocol.errors import RemoteProtocolError
+from protocol.filestream import LENIENT, STRICT
 from protocol.messages import CHUNK_HEADER_SIZE, Message
 from protocol.pump import drain, flush
 from shm import layout
@@ -60,6 +63,7 @@ class _Attached:
         )
         mem.store_u64(layout.H2G_HEAD_OFF, self.consumer.head)  # hand that space back
         chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
+        self.chunk_size = chunk
         self.channel = GuestChannel(chunk_size=chunk, limit=limit)
         self.heartbeat = 1
         mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(64) or 1)
@@ -77,6 +81,8 @@ class GuestDriver:
         limit: int,
         device: Path | None = None,
         idle_wait_s: float = 0.02,
+        incoming: Path | None = None,
+        allow_unsafe_names: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.clipboard = clipboard
@@ -96,6 +102,8 @@ class GuestDriver:
         self._selector = selectors.DefaultSelector()
         self._server: ControlServer | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self.files = GuestFiles(incoming=incoming or default_incoming(), selector=self._selector,
+                                policy=LENIENT if allow_unsafe_names else STRICT)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -105,6 +113,7 @@ class GuestDriver:
         )
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        sweep_partials(self.files.incoming)
 
     def install_signal_handlers(self) -> None:
         self._wake_w.setblocking(False)
@@ -134,7 +143,9 @@ class GuestDriver:
             now = time.monotonic()
             if self.poll_once(now):
                 backoff.reset()
-            wait = backoff.next_wait() if self._attached else min(RETRY_ATTACH_S, 0.1)
+            # While files move, poll at least every millisecond (like the broker).
+            cap = 0.001 if self.files.active else None
+            wait = backoff.next_wait(cap) if self._attached else min(RETRY_ATTACH_S, 0.1)
             for key, _ in self._selector.select(wait):
                 key.data()
 
@@ -167,6 +178,7 @@ class GuestDriver:
         if self._attached is None:
             return
         log.info("detached: %s", why)
+        self.files.detached(why)
         self._attached.region.close()
         self._attached = None
 
@@ -198,6 +210,7 @@ class GuestDriver:
             moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
             for event in events:
                 self._on_event(att, event)
+            self.files.poll(now)
             moved += flush(att.producer, att.channel, att.channel.output_done, max_records=MAX_RECORDS)
         except (RingCorruptError, RemoteProtocolError) as exc:
             log.warning("the broker's side of the region is inconsistent (%s); re-attaching", exc)
@@ -206,6 +219,8 @@ class GuestDriver:
         return moved > 0
 
     def _on_event(self, att: _Attached, event: GuestEvent) -> None:
+        if self.files.on_event(att.channel, event):
+            return
         match event:
             case CopyRequested(transfer_id, limit):
                 data = self.clipboard.get()
@@ -237,6 +252,10 @@ class GuestDriver:
                 conn.reply({"ok": False, "message": "the clipboard is empty"})
             else:
                 conn.reply({"ok": True, "message": f"{len(data)} bytes"}, data)
+        elif op == "send":
+            att = self._attached
+            self.files.request_send(conn, frame, att.channel if att else None,
+                                    att.chunk_size if att else 0)
         elif op == "status":
             conn.reply(self.status())
         else:
@@ -256,4 +275,5 @@ class GuestDriver:
             "pastes_received": self.pastes_received,
             "dropped": self.dropped,
             "pid": os.getpid(),
+            **self.files.status(),
         }
