@@ -115,6 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help=f"the VM that receives the files, or '{HOST}'")
     approve.add_argument("--offer", type=int, metavar="N",
                          help="approve only if the pending offer is still #N (as status shows it)")
+    approve.add_argument("--json", action="store_true", help="print the outcome as JSON")
     reject = with_socket(sub.add_parser("reject", help="refuse VM's pending file offer"))
     reject.add_argument("vm", type=_vm_name)
     send = with_socket(sub.add_parser("send", help="file gesture: send host files and directories to VM"))
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+", metavar="PATH")
     send.add_argument("--move", action="store_true",
                       help="delete the sources once VM confirmed that every file arrived intact")
+    send.add_argument("--json", action="store_true", help="print the outcome as JSON")
 
     status = with_socket(sub.add_parser("status", help="show VMs, the global clipboard and file offers"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
@@ -233,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
             header: dict[str, Any] = {"op": "approve", "vm": args.vm, "to": args.to}
             if args.offer is not None:
                 header["offer"] = args.offer
-            return wait_for_outcome(socket_path, header, service="broker")
+            return wait_for_outcome(socket_path, header, service="broker", as_json=args.json)
         if args.command == "send":
             found = scan_sources(args.paths, move=args.move)
             if found is None:
@@ -241,7 +243,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"sending {summary(found)} to {args.vm}", file=sys.stderr)
             return wait_for_outcome(socket_path, {
                 "op": "send", "vm": args.vm, "move": args.move, "entries": found.entries,
-                "files": found.files, "total_size": found.total_size}, paths_body(found), service="broker")
+                "files": found.files, "total_size": found.total_size}, paths_body(found), service="broker",
+                as_json=args.json)
         started = time.monotonic()
         reply, _ = call(socket_path, {"op": args.command, "vm": args.vm},
                         timeout_s=GESTURE_MARGIN_S, service="broker")

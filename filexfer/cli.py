@@ -5,6 +5,7 @@ Used by ``python -m guestdrv send`` and ``python -m broker send`` / ``approve``.
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -60,11 +61,12 @@ def paths_body(found: Scan) -> bytes:
 
 
 def wait_for_outcome(socket_path: Path, header: dict[str, Any], body: bytes = b"", *,
-                     service: str) -> int:
+                     service: str, as_json: bool = False) -> int:
     """Send a long request; show its progress on a terminal; print its outcome.
 
     Returns the exit code: 0 on success, 1 on failure, 130 after Ctrl-C (which
-    closes the connection: the other side cancels the transfer).
+    closes the connection: the other side cancels the transfer).  `as_json`
+    prints the whole final reply (with ``elapsed_s``) instead of its message.
     """
     bar = ProgressBar()
     try:
@@ -83,6 +85,9 @@ def wait_for_outcome(socket_path: Path, header: dict[str, Any], body: bytes = b"
         return 1
     bar.close()
     reply = frame.header
+    if as_json:
+        print(json.dumps(reply, indent=2))
+        return 0 if reply.get("ok") else 1
     message = str(reply.get("message") or reply.get("error") or "no message")
     print(message, file=sys.stdout if reply.get("ok") else sys.stderr)
     return 0 if reply.get("ok") else 1
