@@ -133,6 +133,17 @@ class Ivclip:
     def close(self) -> None:
         self.lab.close()
 
+    def cpu(self) -> dict[str, float]:
+        """CPU seconds (user + system) each ivclip process used so far."""
+        tick = os.sysconf("SC_CLK_TCK")
+        procs = {"broker": self.lab.broker, **self.lab.guests}
+        out = {}
+        for name, proc in procs.items():
+            assert proc is not None
+            fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            out[name] = (int(fields[11]) + int(fields[12])) / tick
+        return out
+
     def guest_send(self, src: Path, target: str) -> tuple[float, float]:
         """(transfer seconds, scan-and-offer seconds) for alice -> target."""
         started = time.perf_counter()
@@ -197,22 +208,30 @@ def bench(args: argparse.Namespace) -> list[Row]:
                     shutil.rmtree(out)
                 for method, target in (("ivclip g2g", "bob"), ("ivclip g2h", "host")):
                     warm(src)
+                    before = ivclip.cpu()
                     seconds, offered = ivclip.guest_send(src, target)
+                    used = _cpu_note(before, ivclip.cpu())
                     landed = ivclip.work / f"in-{target}" / "alice" / src.name
                     assert same_tree(src, landed), f"{method} copy differs"
-                    row(method, seconds, f"(+{offered:.2f} s scan and offer before the gesture)")
+                    row(method, seconds, f"cpu {used}; +{offered:.2f} s scan and offer before the gesture")
                     shutil.rmtree(landed) if landed.is_dir() else landed.unlink()
                 warm(src)
+                before = ivclip.cpu()
                 seconds = ivclip.host_send(src)
+                used = _cpu_note(before, ivclip.cpu())
                 landed = ivclip.work / "in-bob" / "host" / src.name
                 assert same_tree(src, landed), "ivclip h2g copy differs"
-                row("ivclip h2g", seconds, "(scan included: the command is the gesture)")
+                row("ivclip h2g", seconds, f"cpu {used}; the broker reads the files")
                 shutil.rmtree(landed) if landed.is_dir() else landed.unlink()
     finally:
         if ivclip is not None:
             ivclip.close()
         shutil.rmtree(base, ignore_errors=True)
     return rows
+
+
+def _cpu_note(before: dict[str, float], after: dict[str, float]) -> str:
+    return " ".join(f"{name} {after[name] - before[name]:.2f}s" for name in after)
 
 
 def ratios(rows: list[Row]) -> list[dict[str, Any]]:

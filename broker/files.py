@@ -27,12 +27,11 @@ commands get one line each.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import secrets
 import selectors
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -69,7 +68,7 @@ from protocol.messages import (
     FileResult,
     StreamMessage,
     decode,
-    encode,
+    encode_stream,
 )
 from shm.errors import RingCorruptError
 from shm.ring import record_span
@@ -169,6 +168,9 @@ class FileTransfers:
         self.transfers: list[Transfer] = []
         self._offer_numbers: dict[str, tuple[int, int]] = {}  # vm -> (offer_id, number)
         self._next_number = 1
+        # Which VM the next ring or protocol error in the relay would be the fault of (set
+        # before each step: cheaper on this path than a try block per step).
+        self._culprit: VmLink | None = None
 
     # Requests --------------------------------------------------------------------------
     def on_request(self, conn: Connection, frame: Frame, now: float) -> None:
@@ -381,23 +383,28 @@ class FileTransfers:
     def _relay(self, transfer: Transfer, now: float) -> bool:
         source, target = transfer.source_vm, transfer.target_vm
         moved = 0
+        self._culprit = None
         try:
             while moved < MAX_RELAY_RECORDS and not transfer.ended:
                 room = -1  # the host receiver always has room (it writes synchronously)
                 if target is not None:
                     if target.channel.output_pending or target.channel.state is not HostState.FILE_TARGET:
                         break  # its FileBegin goes first; or it already ended
-                    with _blaming(target):
-                        room = target.producer.free_space()
+                    self._culprit = target
+                    room = target.producer.free_space()
                 message = self._next_record(transfer, source, room, now)
                 if message is None:
                     break
                 if target is not None:
-                    kind, parts = encode(target.channel.give_stream(message, now))
-                    with _blaming(target):
-                        pushed = target.producer.try_push(kind, parts, publish=False)
-                    if not pushed:
-                        raise RuntimeError("the target's ring refused a record it had room for")
+                    kind, parts = encode_stream(message, target.channel.give_stream(message, now))
+                    self._culprit = target
+                    if not target.producer.try_push(kind, parts, publish=False):
+                        # Cannot happen (twice the span was free): a bug, so stop this transfer only.
+                        log.error("%s's ring refused a record it had room for", target.name)
+                        self._end(transfer, FileResult(0, FileCode.CANCELLED,
+                                                       detail=b"internal error in the relay; see the log"),
+                                  who="the broker", failed_side="host")
+                        break
                 elif transfer.receiver is not None:
                     result = transfer.receiver.feed(message)
                     if result is not None:
@@ -405,13 +412,15 @@ class FileTransfers:
                 if source is not None:
                     source.consumer.consume(release=False)
                 moved += 1
-        except _Blame as blame:
-            self._fault(transfer, blame.vm, blame.error, now)
+        except (RingCorruptError, RemoteProtocolError) as exc:
+            assert self._culprit is not None
+            self._fault(transfer, self._culprit, exc, now)
         finally:
             # Hand back the source's space and publish the target's records once per round.
-            for vm, step in ((source, "release"), (target, "publish")):
-                if vm is not None and vm.attachment(now) is not Attachment.FAULTY:
-                    getattr(vm.consumer if step == "release" else vm.producer, step)()
+            if source is not None and source.attachment(now) is not Attachment.FAULTY:
+                source.consumer.release()
+            if target is not None and target.attachment(now) is not Attachment.FAULTY:
+                target.producer.publish()
         return moved > 0
 
     def _next_record(self, transfer: Transfer, source: VmLink | None, room: int,
@@ -419,7 +428,7 @@ class FileTransfers:
         """The next stream record to relay; a VM's stays in its ring until it is consumed.
 
         Raises:
-            _Blame: the source's ring or stream is invalid.
+            RingCorruptError, RemoteProtocolError: the source's ring or stream is invalid.
         """
         if source is None:
             sender = transfer.sender
@@ -430,9 +439,9 @@ class FileTransfers:
             if message is None and sender.failure is not None:
                 self._end(transfer, sender.failure, who="the host", failed_side="source")
             return message  # type: ignore[return-value]
+        self._culprit = source
         while not transfer.ended:
-            with _blaming(source):
-                found = source.consumer.peek()
+            found = source.consumer.peek()
             if found is None:
                 return None
             kind, view = found
@@ -440,24 +449,21 @@ class FileTransfers:
                 if 0 <= room < 2 * record_span(view.nbytes):
                     return None  # the target is full: the record waits in the source's ring
                 # decode reads each field once; chunk data stays in the ring, copied once later.
-                with _blaming(source):
-                    message = decode(kind, view)
-                    if message.transfer_id == source.channel.transfer_id:  # type: ignore[union-attr]
-                        source.channel.take_stream(message, now)  # type: ignore[arg-type]
-                        return message  # type: ignore[return-value]
+                message = decode(kind, view)
+                if message.transfer_id == source.channel.transfer_id:  # type: ignore[union-attr]
+                    source.channel.take_stream(message, now)  # type: ignore[arg-type]
+                    return message  # type: ignore[return-value]
             else:
-                with _blaming(source):
-                    message = decode(kind, bytes(view))
+                message = decode(kind, bytes(view))
             # Not a record of the approved stream: what the channel makes of it.
             source.consumer.consume(release=False)
-            with _blaming(source):
-                events = source.channel.receive(message, now)
-            for event in events:
+            for event in source.channel.receive(message, now):
                 if isinstance(event, Dropped):
                     source.counters.dropped += 1
                     log.info("%s: dropped an unsolicited %s", source.name, type(event.message).__name__)
                 else:
                     self.on_event(source, event, now)
+            self._culprit = source
         return None
 
     def _fault(self, transfer: Transfer, vm: VmLink, error: Exception, now: float) -> None:
@@ -551,20 +557,3 @@ def _draw_id() -> int:
 
 _LARGEST_ENTRY = FILE_ENTRY_HEADER_SIZE + 2 * MAX_PATH
 """The largest FileEntry record: the host sender's next record may be one."""
-
-
-class _Blame(Exception):
-    """An error that one VM caused (its ring or its stream), carried to the one place it is handled."""
-
-    def __init__(self, vm: VmLink, error: Exception) -> None:
-        super().__init__(str(error))
-        self.vm = vm
-        self.error = error
-
-
-@contextlib.contextmanager
-def _blaming(vm: VmLink) -> Iterator[None]:
-    try:
-        yield
-    except (RingCorruptError, RemoteProtocolError) as exc:
-        raise _Blame(vm, exc) from exc

@@ -240,27 +240,30 @@ def scan(sources: list[Source], *, move: bool = False) -> Scan:
 
 def _scan_item(result: Scan, item: _Item, move: bool) -> None:
     kind = _kind(item.st.st_mode)
-    shown = display(item.path)
+
+    def shown() -> str:  # only notices and problems show a name: escape it only then
+        return display(item.path)
+
     if kind is None:
         if item.root:
-            result._problem(f"{shown}: {_what(item.st.st_mode)}; only files, directories and links "
+            result._problem(f"{shown()}: {_what(item.st.st_mode)}; only files, directories and links "
                             "are sent")
         else:
-            result._note(f"skipped {shown}: {_what(item.st.st_mode)}")
+            result._note(f"skipped {shown()}: {_what(item.st.st_mode)}")
         return
     if item.root and move and stat.S_ISLNK(
             os.stat(item.name, dir_fd=item.dir_fd, follow_symlinks=False).st_mode):
-        result._problem(f"{shown} is a symbolic link: name the real path to move it")
+        result._problem(f"{shown()} is a symbolic link: name the real path to move it")
         return
     try:
         parts = split_path(item.path, LENIENT)
         if kind is EntryType.SYMLINK:
             check_link(parts, os.readlink(item.name, dir_fd=item.dir_fd), LENIENT)
     except FileRefused as exc:
-        result._problem(f"{shown}: the receiver would refuse it: {exc.detail}")
+        result._problem(f"{shown()}: the receiver would refuse it: {exc.detail}")
         return
     except OSError as exc:
-        result._problem(f"{shown}: {exc.strerror}")
+        result._problem(f"{shown()}: {exc.strerror}")
         return
     result.entries += 1
     if kind is EntryType.FILE:
@@ -268,7 +271,7 @@ def _scan_item(result: Scan, item: _Item, move: bool) -> None:
         try:
             os.close(os.open(item.name, flags, dir_fd=item.dir_fd))
         except OSError as exc:
-            result._problem(f"cannot read {shown}: {exc.strerror}")
+            result._problem(f"cannot read {shown()}: {exc.strerror}")
             return
         result.files += 1
         result.total_size += item.st.st_size
@@ -401,17 +404,26 @@ class TreeSender:
             digest = hashlib.sha256()
             view = memoryview(self._buffer)
             offset = 0
-            while offset < size:
+            while True:
+                # Ask for one byte more than should remain: the end of the file shows as a
+                # short read, with no extra call for most files (a small file is one read).
+                remaining = size - offset
+                want = min(len(view), remaining + 1)
                 try:
-                    got = os.readv(fd, [view[: min(len(view), size - offset)]])
+                    got = os.readv(fd, [view[:want]])
                 except OSError as exc:
                     raise WalkError(item.path, exc) from exc
-                if got == 0:
-                    raise _Changed(item.path, f"it shrank to {offset} bytes while being sent")
-                digest.update(view[:got])
-                yield FileChunk(tid, offset, view[:got])
-                offset += got
-            if os.read(fd, 1) or os.fstat(fd).st_mtime_ns != st.st_mtime_ns:
+                if got > remaining:
+                    raise _Changed(item.path, "it grew while being sent")
+                if got:
+                    digest.update(view[:got])
+                    yield FileChunk(tid, offset, view[:got])
+                    offset += got
+                if got < want:
+                    if offset < size:
+                        raise _Changed(item.path, f"it shrank to {offset} bytes while being sent")
+                    break
+            if os.fstat(fd).st_mtime_ns != st.st_mtime_ns:
                 raise _Changed(item.path, "it was written to while being sent")
             yield FileEnd(tid, digest.digest())
             self._record(index, item.path, EntryType.FILE, st)

@@ -29,7 +29,7 @@ from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, P
 from protocol.errors import RemoteProtocolError
 from protocol.filestream import LENIENT, STRICT
 from protocol.messages import CHUNK_HEADER_SIZE, Message
-from protocol.pump import drain, flush
+from protocol.pump import drain, drain_views, flush
 from shm import layout
 from shm.backoff import Backoff
 from shm.errors import LayoutError, RegionError, RingCorruptError
@@ -201,15 +201,17 @@ class GuestDriver:
             att.heartbeat += 1
             mem.store_u64(layout.GUEST_HEARTBEAT_OFF, att.heartbeat)
             self._next_beat = now + layout.HEARTBEAT_PERIOD_S
-        events: list[GuestEvent] = []
-
         def deliver(message: Message) -> None:
-            events.extend(att.channel.receive(message))
+            # Events are handled at once: a file chunk may be a view into the ring, valid
+            # only until its record is consumed (pump.drain_views).
+            for event in att.channel.receive(message):
+                self._on_event(att, event)
 
         try:
-            moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
-            for event in events:
-                self._on_event(att, event)
+            if att.channel.receiving_id:
+                moved = drain_views(att.consumer, deliver, max_records=MAX_RECORDS)
+            else:
+                moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
             self.files.poll(now)
             moved += flush(att.producer, att.channel, att.channel.output_done, max_records=MAX_RECORDS)
         except (RingCorruptError, RemoteProtocolError) as exc:

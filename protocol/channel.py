@@ -453,8 +453,9 @@ class HostChannel:
         self._deadline = now + FILE_IDLE_TIMEOUT_S
         return self._checker.check(message)
 
-    def give_stream(self, message: StreamMessage, now: float) -> StreamMessage:
-        """(FILE_TARGET) The record, tagged with this VM's transfer id, to put in its ring.
+    def give_stream(self, message: StreamMessage, now: float) -> int:
+        """(FILE_TARGET) Note that `message` goes to this VM next; returns the transfer id
+        to tag it with (messages.encode_stream) before it is put in the VM's ring.
 
         Raises:
             LocalProtocolError: not in FILE_TARGET.
@@ -462,9 +463,9 @@ class HostChannel:
         if self.state is not HostState.FILE_TARGET:
             raise LocalProtocolError(f"no stream to give ({self.state.value})")
         self._deadline = now + FILE_IDLE_TIMEOUT_S
-        if isinstance(message, StreamEnd):
+        if type(message) is StreamEnd:
             self._stream_ended = True
-        return replace(message, transfer_id=self._transfer_id)
+        return self._transfer_id
 
     def finish_file(self, result: FileResult | None) -> None:
         """End this VM's part in a file transfer from the broker's side.

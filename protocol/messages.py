@@ -412,6 +412,8 @@ FILE_ENTRY_HEADER_SIZE = _ENTRY.size
 
 def encode(message: Message) -> tuple[int, list[bytes | bytearray | memoryview]]:
     """Return (record kind, payload parts); chunk data is passed through uncopied."""
+    if type(message) is FileChunk:  # the most frequent record by far
+        return Kind.FILE_CHUNK, [_QQ.pack(message.transfer_id, message.offset), message.data]
     match message:
         case CopyRequest(transfer_id, limit):
             return Kind.COPY_REQUEST, [_QQ.pack(transfer_id, limit)]
@@ -448,13 +450,32 @@ def encode(message: Message) -> tuple[int, list[bytes | bytearray | memoryview]]
     raise TypeError(f"not a message: {message!r}")
 
 
+def encode_stream(
+    message: StreamMessage, transfer_id: int
+) -> tuple[int, list[bytes | bytearray | memoryview]]:
+    """Encode a stream record under another transfer id (the relay re-tags every record).
+
+    The hot path of a relay: no new message object, chunk data passed through uncopied.
+    """
+    if type(message) is FileChunk:
+        return Kind.FILE_CHUNK, [_QQ.pack(transfer_id, message.offset), message.data]
+    kind, parts = encode(message)
+    head = parts[0]
+    parts[0] = _Q.pack(transfer_id) + bytes(head[_Q.size :])  # every stream head starts with the id
+    return kind, parts
+
+
 def decode(kind: int, payload: bytes | memoryview) -> Message:
-    """Parse one record (already copied into private memory).
+    """Parse one record.  `payload` may be a view into shared memory: each field is
+    read once into private memory, and only a chunk's data stays a view.
 
     Raises:
         RemoteProtocolError: unknown kind, wrong payload size or out-of-range field.
     """
     try:
+        if kind == Kind.FILE_CHUNK:  # the most frequent record by far
+            transfer_id, offset = _head(_QQ, payload)
+            return FileChunk(transfer_id, offset, memoryview(payload)[_QQ.size :])
         match kind:
             case Kind.COPY_REQUEST:
                 return CopyRequest(*_exact(_QQ, payload))

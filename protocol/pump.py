@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from protocol.messages import Message, decode, encode
+from protocol.messages import Kind, Message, decode, encode
 
 
 class RecordLike(Protocol):
@@ -23,6 +23,11 @@ class RecordLike(Protocol):
 class RecordSource(Protocol):
     def poll(self, *, release: bool = True) -> RecordLike | None: ...
     def release(self) -> None: ...
+
+
+class PeekingSource(RecordSource, Protocol):
+    def peek(self) -> tuple[int, memoryview] | None: ...
+    def consume(self, *, release: bool = True) -> None: ...
 
 
 class RecordSink(Protocol):
@@ -61,6 +66,35 @@ def drain(
                 break
             count += 1
             deliver(decode(record.kind, record.payload))
+    finally:
+        source.release()
+    return count
+
+
+def drain_views(
+    source: PeekingSource, deliver: Callable[[Message], None], *, max_records: int
+) -> int:
+    """Like :func:`drain`, but a file chunk's data is handed over as a view into the ring:
+    `deliver` must be done with it when it returns (the record is consumed right after).
+
+    The receiving end of a file stream writes and hashes chunks straight from
+    the ring this way, without copying them first.  Other records are copied
+    out as usual.  Space is handed back once, at the end.
+
+    Raises:
+        RingCorruptError: from the ring, when the peer's indices or headers are invalid.
+        RemoteProtocolError: a record does not decode, or `deliver` rejects it.
+    """
+    count = 0
+    try:
+        while count < max_records:
+            found = source.peek()
+            if found is None:
+                break
+            kind, view = found
+            count += 1
+            deliver(decode(kind, view if kind == Kind.FILE_CHUNK else bytes(view)))
+            source.consume(release=False)
     finally:
         source.release()
     return count

@@ -355,3 +355,38 @@ def test_the_incoming_source_folder_may_not_be_a_link(tmp_path: Path, incoming: 
     assert isinstance(result, FileResult) and result.code == FileCode.WRITE_ERROR
     assert b"not a directory (a link?)" in result.detail
     assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
+# A source that changes while it is sent --------------------------------------------------------
+@pytest.mark.parametrize(("change", "why"), [("shrink", b"shrank"), ("grow", b"grew"), ("touch", b"written")])
+def test_a_file_changed_while_being_sent_stops_the_stream(tmp_path: Path, change: str, why: bytes) -> None:
+    f = make(tmp_path / "src" / "f.bin", os.urandom(10_000))
+    sources = sources_from_paths([os.fsencode(f)])
+    sender = TreeSender(sources, TID, chunk_size=4096, max_entries=1, max_files=1, max_bytes=20_000)
+    first = sender.next_message()
+    assert isinstance(first, FileEntry) and first.size == 10_000
+    if change == "shrink":
+        os.truncate(f, 3000)
+    elif change == "grow":
+        with f.open("ab") as fh:
+            fh.write(b"more")
+    else:
+        os.utime(f, (1, 1))
+    while sender.next_message() is not None:
+        pass
+    assert sender.failure is not None and sender.failure.code == FileCode.SOURCE_CHANGED
+    assert why in sender.failure.detail and sender.failure.name == b"f.bin"
+    assert not sender.finished
+
+
+def test_sources_grown_past_the_announcement_stop_the_stream(tmp_path: Path) -> None:
+    top = tmp_path / "src" / "top"
+    make(top / "a", b"a")
+    found = scan(sources_from_paths([os.fsencode(top)]))
+    make(top / "b", b"b")  # appears after the scan: more than the host user approved
+    sender = TreeSender(found.sources, TID, chunk_size=4096, max_entries=found.entries,
+                        max_files=found.files, max_bytes=found.total_size)
+    while sender.next_message() is not None:
+        pass
+    assert sender.failure is not None and sender.failure.code == FileCode.SOURCE_CHANGED
+    assert b"grew since they were announced" in sender.failure.detail
