@@ -179,7 +179,7 @@ def _print_status(reply: dict[str, Any]) -> None:
     for vm in reply.get("vms", []):
         age = vm["heartbeat_age_s"]
         caps = vm["capabilities"]
-        caps_text = ("C" if caps & 1 else "-") + ("P" if caps & 2 else "-")
+        caps_text = "".join(c if caps & bit else "-" for bit, c in ((1, "C"), (2, "P"), (4, "F"), (8, "T")))
         print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
               f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  {vm['last_fault'] or '-'}")
     clip = reply.get("clipboard", {})
