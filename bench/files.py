@@ -14,9 +14,10 @@ What is timed: for ivclip, the transfer itself, from the gesture to its outcome
 (the gesture's own ``elapsed_s``): that is what a user waits for once they
 approve.  The sender's scan, which runs before the offer, is reported
 separately.  For the baselines, the whole command.  Every run starts with the
-sources in the page cache (read once before) and ends with the copy checked
-byte for byte against the source (not timed); nothing is flushed to disk
-(``cp`` and ``tar`` do not either; ivclip flushes only for ``--move``).  ivclip
+sources in the page cache (read once before) and no writeback pending (a sync,
+not timed), and ends with the copy checked byte for byte against the source
+(not timed); the copy itself is not flushed to disk (``cp`` and ``tar`` do not
+either; ivclip flushes only for ``--move``).  ivclip
 also computes a SHA-256 of every file on both ends, which the baselines do
 not.
 
@@ -73,12 +74,15 @@ def make_tree(root: Path, count: int, size: int, per_dir: int = 200) -> None:
 
 
 def warm(path: Path) -> None:
-    """Read every file once so each method starts from the page cache."""
+    """Every run starts alike: the sources in the page cache (read once), and nothing of an
+    earlier run still being written back (flushed first: writeback of the last copy, or of
+    deleting it, would otherwise land on whichever method runs next)."""
     files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
     for f in files:
         with f.open("rb") as fh:
             while fh.read(1 << 20):
                 pass
+    os.sync()
 
 
 def same_tree(a: Path, b: Path) -> bool:

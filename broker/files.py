@@ -80,6 +80,11 @@ MAX_RELAY_RECORDS = 512
 """Records one transfer moves per broker round before the other VMs are served."""
 MAX_SEND_PATHS_BODY = 1 << 20
 """Bytes of paths a host send request may carry (NUL-separated)."""
+FILE_SPINS = 8
+"""Polling spins (shm.backoff) while files move, instead of the usual 64.  Then a full or
+empty ring means waiting for a peer to process a chunk (about 0.3 ms): spinning through
+it only takes CPU from that peer, which on a small host may run on the same cores.
+Measured with 512 MiB guest to guest on 2 cores: broker CPU 0.57 s -> 0.21 s, 370 -> 470 MiB/s."""
 
 
 @dataclass(frozen=True, slots=True)

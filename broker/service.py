@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.clipboard import GlobalClipboard
-from broker.files import FILE_OPS, MAX_SEND_PATHS_BODY, FileTransfers
+from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileTransfers
 from broker.names import shm_name
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
@@ -169,6 +169,7 @@ class Broker:
     # The loop --------------------------------------------------------------
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.config.idle_wait_s)
+        spins = backoff.spins
         next_beat = 0.0
         log.info("broker serving %s on %s", ", ".join(self.vms), self.config.socket_path)
         while not self._stopping:
@@ -183,6 +184,7 @@ class Broker:
             if moved:
                 backoff.reset()
             busy = any(vm.busy for vm in self.vms.values())
+            backoff.spins = FILE_SPINS if self.files.transfers else spins
             wait = backoff.next_wait(cap_s=0.001 if busy else None)
             for key, _ in self._selector.select(wait):
                 key.data()

@@ -24,7 +24,7 @@ from control.server import Connection, ControlServer
 from filexfer.receiver import default_incoming, sweep_partials
 from guestdrv.clipboard import ClipboardBackend
 from guestdrv.device import pick_device
-from guestdrv.files import GuestFiles
+from guestdrv.files import FILE_SPINS, GuestFiles
 from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, PasteReceived
 from protocol.errors import RemoteProtocolError
 from protocol.filestream import LENIENT, STRICT
@@ -139,12 +139,15 @@ class GuestDriver:
 
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.idle_wait_s)
+        spins = backoff.spins
         while not self._stopping:
             now = time.monotonic()
             if self.poll_once(now):
                 backoff.reset()
-            # While files move, poll at least every millisecond (like the broker).
+            # While files move, poll at least every millisecond (like the broker), and spin
+            # less: see broker.files.FILE_SPINS.
             cap = 0.001 if self.files.active else None
+            backoff.spins = FILE_SPINS if self.files.active else spins
             wait = backoff.next_wait(cap) if self._attached else min(RETRY_ATTACH_S, 0.1)
             for key, _ in self._selector.select(wait):
                 key.data()

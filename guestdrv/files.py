@@ -43,6 +43,9 @@ from protocol.messages import MAX_ENTRIES, MAX_TRANSFER_SIZE, FileCode, FileResu
 
 log = logging.getLogger(__name__)
 
+FILE_SPINS = 8
+"""Polling spins while files move (the broker's reasoning: broker.files.FILE_SPINS)."""
+
 
 @dataclass(slots=True)
 class _Send:
