@@ -98,6 +98,8 @@ class Broker:
         self._server: ControlServer | None = None
         self._stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
+        # Hook: a policy decision for file transfers (broker/policy.py) goes in as decide=...;
+        # without one, the host user's gesture is the only authority (broker.files.allow_all).
         self.files = FileTransfers(self.vms, self._selector, incoming=config.incoming,
                                    policy=LENIENT if config.allow_unsafe_names else STRICT)
 

@@ -104,23 +104,42 @@ def test_guest_to_guest_waits_for_approval_and_arrives_intact(lab: HostLab, tmp_
     top = make_tree(tmp_path / "تقارير \uff5c -x", {
         "שלום.txt": b"shalom\n", "sub/" + "n" * 255: os.urandom(300_000), "--help": b"dash\n"})
     (top / "empty").mkdir()
+    os.link(top / "--help", top / "hard")
+    (top / "sub" / "inside").symlink_to("../שלום.txt")
+    os.mkfifo(top / "pipe")
     send = Send(lab, "alice", str(top))
     offer = wait_offer(lab, "alice")
-    assert offer["names"] == ["تقارير \uff5c -x"] and offer["files"] == 3 and offer["entries"] == 6
+    assert offer["names"] == ["تقارير \uff5c -x"] and offer["files"] == 4 and offer["entries"] == 8
     assert visible(incoming(lab, "bob")) == []  # nothing moves before the gesture
     human = lab.broker_cmd("status").stdout
-    assert "file offer #" in human and "from alice: 3 files and 3 other entries" in human
+    assert "file offer #" in human and "from alice: 4 files and 4 other entries" in human
 
     approved = lab.broker_cmd("approve", "alice", "--to", "bob", "--offer", str(offer["offer"]))
     assert approved.returncode == 0, output(approved)
-    assert "sent 3 files and 3 other entries" in approved.stdout and "to bob" in approved.stdout
+    assert "sent 4 files and 4 other entries" in approved.stdout and "to bob" in approved.stdout
     code, text = send.result()
     assert code == 0 and "the receiver confirmed every file" in text
+    assert "skipped تقارير \uff5c -x/pipe: a FIFO" in text
+    assert "\r" not in text  # no progress line when not on a terminal
     out = incoming(lab, "bob") / top.name
-    for name in ("שלום.txt", "sub/" + "n" * 255, "--help"):
+    for name in ("שלום.txt", "sub/" + "n" * 255, "--help", "hard"):
         assert (out / name).read_bytes() == (top / name).read_bytes()
-    assert (out / "empty").is_dir()
+    assert (out / "hard").stat().st_ino != (out / "--help").stat().st_ino
+    assert os.readlink(out / "sub" / "inside") == "../שלום.txt"
+    assert (out / "empty").is_dir() and not (out / "pipe").exists()
     assert offers(lab) == [] and visible(lab.workdir / "in-dave") == []  # dave saw nothing
+
+
+def test_links_out_of_the_tree_are_refused_before_anything_is_offered(lab: HostLab, tmp_path: Path) -> None:
+    top = make_tree(tmp_path / "links", {"f": b"f"})
+    (top / "abs").symlink_to("/etc/passwd")
+    (top / "sub").mkdir()
+    (top / "sub" / "up").symlink_to("../../../outside")
+    code, text = Send(lab, "alice", str(top)).result()
+    assert code == 1 and "nothing was sent" in text
+    assert "links/abs: the receiver would refuse it: its target is an absolute path" in text
+    assert "links/sub/up: the receiver would refuse it: its target climbs out of the copied tree" in text
+    assert offers(lab) == []
 
 
 def test_reject_and_a_stale_offer_number(lab: HostLab, tmp_path: Path) -> None:
