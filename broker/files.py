@@ -64,6 +64,7 @@ from protocol.messages import (
     MAX_TRANSFER_SIZE,
     STREAM_KINDS,
     FileBegin,
+    FileChunk,
     FileCode,
     FileResult,
     StreamMessage,
@@ -77,7 +78,9 @@ log = logging.getLogger(__name__)
 
 FILE_OPS = frozenset({"approve", "reject", "send"})
 MAX_RELAY_RECORDS = 512
-"""Records one transfer moves per broker round before the other VMs are served."""
+MAX_RELAY_BYTES = 16 << 20
+"""Records and bytes one transfer moves per broker round before the other VMs are served
+(bytes bound the round when the host writes them to a slow disk)."""
 MAX_SEND_PATHS_BODY = 1 << 20
 """Bytes of paths a host send request may carry (NUL-separated)."""
 FILE_SPINS = 8
@@ -389,8 +392,9 @@ class FileTransfers:
         source, target = transfer.source_vm, transfer.target_vm
         moved = 0
         self._culprit = None
+        taken = 0
         try:
-            while moved < MAX_RELAY_RECORDS and not transfer.ended:
+            while moved < MAX_RELAY_RECORDS and taken < MAX_RELAY_BYTES and not transfer.ended:
                 room = -1  # the host receiver always has room (it writes synchronously)
                 if target is not None:
                     if target.channel.output_pending or target.channel.state is not HostState.FILE_TARGET:
@@ -400,6 +404,8 @@ class FileTransfers:
                 message = self._next_record(transfer, source, room, now)
                 if message is None:
                     break
+                if type(message) is FileChunk:
+                    taken += len(message.data)
                 if target is not None:
                     kind, parts = encode_stream(message, target.channel.give_stream(message, now))
                     self._culprit = target

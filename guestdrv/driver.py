@@ -43,6 +43,9 @@ RETRY_ATTACH_S = 0.5
 SESSION_LOOK_S = 0.1
 CHUNK_SIZE = 256 * 1024
 MAX_RECORDS = 256
+MAX_FILE_BYTES_PER_POLL = 16 << 20
+"""File data written per poll: the heartbeat goes on even when the disk is slow
+(16 MiB at 50 MB/s is a third of a second; the broker calls a driver gone after 2 s)."""
 
 
 class _Attached:
@@ -212,7 +215,8 @@ class GuestDriver:
 
         try:
             if att.channel.receiving_id:
-                moved = drain_views(att.consumer, deliver, max_records=MAX_RECORDS)
+                moved = drain_views(att.consumer, deliver, max_records=MAX_RECORDS,
+                                    max_bytes=MAX_FILE_BYTES_PER_POLL)
             else:
                 moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
             self.files.poll(now)

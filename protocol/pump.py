@@ -72,27 +72,30 @@ def drain(
 
 
 def drain_views(
-    source: PeekingSource, deliver: Callable[[Message], None], *, max_records: int
+    source: PeekingSource, deliver: Callable[[Message], None], *, max_records: int, max_bytes: int
 ) -> int:
     """Like :func:`drain`, but a file chunk's data is handed over as a view into the ring:
     `deliver` must be done with it when it returns (the record is consumed right after).
 
     The receiving end of a file stream writes and hashes chunks straight from
     the ring this way, without copying them first.  Other records are copied
-    out as usual.  Space is handed back once, at the end.
+    out as usual.  Space is handed back once, at the end.  `max_bytes` bounds the
+    payload taken in one call (writing it may take a while on a slow disk).
 
     Raises:
         RingCorruptError: from the ring, when the peer's indices or headers are invalid.
         RemoteProtocolError: a record does not decode, or `deliver` rejects it.
     """
     count = 0
+    taken = 0
     try:
-        while count < max_records:
+        while count < max_records and taken < max_bytes:
             found = source.peek()
             if found is None:
                 break
             kind, view = found
             count += 1
+            taken += view.nbytes
             deliver(decode(kind, view if kind == Kind.FILE_CHUNK else bytes(view)))
             source.consume(release=False)
     finally:
