@@ -23,14 +23,17 @@ from broker.hotkeys import (
     focused_vm,
     parse_combo,
 )
-from broker.names import check_vm_name
+from broker.names import HOST, check_vm_name
 from broker.notify import Notifier
 from broker.policy import ALLOW_ALL, load_policy
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import call, parse_size, report, setup_logging
 from control.errors import ControlError
+from control.progress import human_size
 from control.sockets import runtime_dir
+from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
+from filexfer.receiver import default_incoming
 from shm import layout
 from shm.errors import RegionError
 
@@ -59,6 +62,10 @@ def _vm_name(text: str) -> str:
         return check_vm_name(text)
     except ConfigError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _target(text: str) -> str:
+    return text if text == HOST else _vm_name(text)
 
 
 def _shm_prefix(text: str) -> str:
@@ -144,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "(default: $XDG_RUNTIME_DIR/ivclip/audit.log)")
     serve.add_argument("--clipboard-ttl", type=_seconds, metavar="SECONDS",
                        help="wipe the global clipboard if nobody pastes it within SECONDS")
+    serve.add_argument("--incoming", type=Path, default=default_incoming(),
+                       help="where files approved --to host arrive, under a folder per VM "
+                            "(default ~/ivclip-incoming)")
+    serve.add_argument("--allow-unsafe-names", action="store_true",
+                       help="accept incoming names with control or bidirectional characters or "
+                            "invalid UTF-8 (never a path escape)")
     serve.add_argument("--log-level", default="info")
 
     for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
@@ -171,7 +184,24 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--no-notify", action="store_true", help="log outcomes instead of notifying")
     keys.add_argument("--log-level", default="info")
 
-    status = with_socket(sub.add_parser("status", help="show VMs and the global clipboard"))
+    approve = with_socket(sub.add_parser(
+        "approve", help="file gesture: let VM's pending file offer go to a VM or the host"))
+    approve.add_argument("vm", type=_vm_name)
+    approve.add_argument("--to", required=True, metavar="TARGET", type=_target,
+                         help=f"the VM that receives the files, or '{HOST}'")
+    approve.add_argument("--offer", type=int, metavar="N",
+                         help="approve only if the pending offer is still #N (as status shows it)")
+    approve.add_argument("--json", action="store_true", help="print the outcome as JSON")
+    reject = with_socket(sub.add_parser("reject", help="refuse VM's pending file offer"))
+    reject.add_argument("vm", type=_vm_name)
+    send = with_socket(sub.add_parser("send", help="file gesture: send host files and directories to VM"))
+    send.add_argument("vm", type=_vm_name)
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--move", action="store_true",
+                      help="delete the sources once VM confirmed that every file arrived intact")
+    send.add_argument("--json", action="store_true", help="print the outcome as JSON")
+
+    status = with_socket(sub.add_parser("status", help="show VMs, the global clipboard and file offers"))
     status.add_argument("--json", action="store_true", help="machine-readable output")
 
     for name, text in (("qemu-args", "print the QEMU options that attach VM's region"),
@@ -211,6 +241,8 @@ def _serve(args: argparse.Namespace) -> int:
         policy=policy,
         audit_path=args.audit_log or runtime_dir() / "audit.log",
         clipboard_ttl_s=args.clipboard_ttl,
+        incoming=args.incoming.absolute(),
+        allow_unsafe_names=args.allow_unsafe_names,
     )
     broker = Broker(config)
     try:
@@ -234,7 +266,7 @@ def _print_status(reply: dict[str, Any]) -> None:
     for vm in reply.get("vms", []):
         age = vm["heartbeat_age_s"]
         caps = vm["capabilities"]
-        caps_text = ("C" if caps & 1 else "-") + ("P" if caps & 2 else "-")
+        caps_text = "".join(c if caps & bit else "-" for bit, c in ((1, "C"), (2, "P"), (4, "F"), (8, "T")))
         print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
               f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  "
               f"{vm['last_fault'] or vm.get('region_problem') or '-'}")
@@ -245,6 +277,25 @@ def _print_status(reply: dict[str, Any]) -> None:
         expiry = f", wiped in {clip['expires_in_s']:.0f} s unless pasted" if "expires_in_s" in clip else ""
         print(f"global clipboard: {clip['size']} bytes from {clip['source']}, "
               f"copied {clip['age_s']:.0f} s ago{expiry}")
+    _print_files(reply.get("files", {}))
+
+
+def _print_files(files: dict[str, Any]) -> None:
+    """Offers and transfers.  Names arrive escaped by the broker (protocol.filestream.display)."""
+    for offer in files.get("offers", []):
+        names = ", ".join(f"'{n}'" for n in offer["names"])
+        more = offer["roots"] - len(offer["names"])
+        if more:
+            names += f" and {more} more"
+        others = offer["entries"] - offer["files"]
+        print(f"file offer #{offer['offer']} from {offer['vm']}: {offer['files']} files"
+              f"{f' and {others} other entries' if others else ''}, {human_size(offer['total_size'])}"
+              f"{', --move' if offer['move'] else ''}: {names} ({offer['age_s']:.0f} s ago)")
+        print(f"    approve with: python -m broker approve {offer['vm']} --to <VM or host> "
+              f"--offer {offer['offer']}   (or: reject {offer['vm']})")
+    for t in files.get("transfers", []):
+        print(f"file transfer {t['source']} -> {t['target']}: {t['entries']}/{t['entries_total']} entries, "
+              f"{human_size(t['bytes'])}/{human_size(t['bytes_total'])}, {t['age_s']:.0f} s")
 
 
 def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:
@@ -287,6 +338,24 @@ def main(argv: list[str] | None = None) -> int:
                 return report(reply, as_json=args.json)
             _print_status(reply)
             return 0
+        if args.command == "approve":
+            header: dict[str, Any] = {"op": "approve", "vm": args.vm, "to": args.to}
+            if args.offer is not None:
+                header["offer"] = args.offer
+            return wait_for_outcome(socket_path, header, service="broker", as_json=args.json)
+        if args.command == "send":
+            found = scan_sources(args.paths, move=args.move)
+            if found is None:
+                return 1
+            print(f"sending {summary(found)} to {args.vm}", file=sys.stderr)
+            return wait_for_outcome(socket_path, {
+                "op": "send", "vm": args.vm, "move": args.move, "entries": found.entries,
+                "files": found.files, "total_size": found.total_size}, paths_body(found), service="broker",
+                as_json=args.json)
+        if args.command == "reject":
+            reply, _ = call(socket_path, {"op": "reject", "vm": args.vm},
+                            timeout_s=GESTURE_MARGIN_S, service="broker")
+            return report(reply)
         if args.focused == (args.vm is not None):
             print(f"error: name the VM or give --focused (python -m broker {args.command} VM)",
                   file=sys.stderr)

@@ -31,14 +31,17 @@ from typing import Any
 from broker.audit import AuditLog
 from broker.clipboard import GlobalClipboard
 from broker.errors import ConfigError
+from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileTransfers
 from broker.names import shm_name
 from broker.policy import ALLOW_ALL, Policy, Request, check_ceiling, check_names, decide, size_limit
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
 from control.sockets import InstanceLock
+from filexfer.receiver import default_incoming, sweep_partials
 from protocol import clipformat
 from protocol.channel import (
+    FILE_EVENTS,
     CopyCompleted,
     CopyFailed,
     Dropped,
@@ -48,6 +51,7 @@ from protocol.channel import (
     PasteFailed,
 )
 from protocol.errors import ClipFormatError
+from protocol.filestream import LENIENT, STRICT
 from protocol.messages import RefusedBecause
 from shm import layout
 from shm.backoff import Backoff
@@ -74,6 +78,8 @@ class BrokerConfig:
     policy: Policy = ALLOW_ALL
     audit_path: Path | None = None
     clipboard_ttl_s: float | None = None
+    incoming: Path = field(default_factory=default_incoming)
+    allow_unsafe_names: bool = False
 
 
 @dataclass(slots=True)
@@ -130,6 +136,10 @@ class Broker:
         self._clipboard_expires: float | None = None
         self._wipe_after_paste = False  # a denial asked for a wipe while a paste streamed
         self._faults_seen: dict[str, int] = {}
+        # Hook: a policy decision for file transfers (broker/policy.py) goes in as decide=...;
+        # without one, the host user's gesture is the only authority (broker.files.allow_all).
+        self.files = FileTransfers(self.vms, self._selector, incoming=config.incoming,
+                                   policy=LENIENT if config.allow_unsafe_names else STRICT)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -163,8 +173,9 @@ class Broker:
                 self.config.socket_path,
                 self._selector,
                 self._on_request,
-                max_body=0,
+                max_body=MAX_SEND_PATHS_BODY,
             )
+            sweep_partials(self.config.incoming)
         except BaseException:
             self.close()
             raise
@@ -195,6 +206,7 @@ class Broker:
             self._audit(gesture, vm_name, "failed", message)
             gesture.conn.reply({"ok": False, "message": message})
         self._gestures.clear()
+        self.files.close()
         self.clipboard.wipe()
         self.audit.close()
         for vm in self.vms.values():
@@ -208,6 +220,7 @@ class Broker:
     # The loop --------------------------------------------------------------
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.config.idle_wait_s)
+        spins = backoff.spins
         next_beat = 0.0
         log.info("broker serving %s on %s", ", ".join(self.vms), self.config.socket_path)
         while not self._stopping:
@@ -223,6 +236,7 @@ class Broker:
             if moved:
                 backoff.reset()
             busy = any(vm.busy for vm in self.vms.values())
+            backoff.spins = FILE_SPINS if self.files.transfers else spins
             wait = backoff.next_wait(cap_s=0.001 if busy else None)
             for key, _ in self._selector.select(wait):
                 key.data()
@@ -239,6 +253,7 @@ class Broker:
                                   reason=f"{vm.name} marked faulty: {vm.last_fault}")
             for event in events:
                 self._on_event(vm, event)
+        moved |= self.files.pump(now)
         return moved
 
     def copy_limit(self, vm: str) -> int:
@@ -297,6 +312,9 @@ class Broker:
         if op == "status":
             conn.reply(self.status())
             return
+        if isinstance(op, str) and op in FILE_OPS:
+            self.files.on_request(conn, frame, time.monotonic())
+            return
         if op not in ("copy", "paste"):
             conn.reply({"ok": False, "message": f"unknown request {_echo(op)}"})
             return
@@ -353,6 +371,9 @@ class Broker:
         return f"{vm.name} did not answer: its driver is not attached"
 
     def _on_event(self, vm: VmLink, event: HostEvent) -> None:
+        if isinstance(event, FILE_EVENTS):
+            self.files.on_event(vm, event, time.monotonic())
+            return
         gesture = self._gestures.get(vm.name)
         if isinstance(event, Dropped) or gesture is None or gesture.transfer_id != event.transfer_id:
             return
@@ -449,4 +470,4 @@ class Broker:
             if self._clipboard_expires is not None:
                 clip["expires_in_s"] = round(max(0.0, self._clipboard_expires - now), 1)
         return {"ok": True, "message": "status", "vms": vms, "clipboard": clip,
-                "policy": self.config.policy.origin}
+                "policy": self.config.policy.origin, "files": self.files.status(now)}

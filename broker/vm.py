@@ -141,8 +141,9 @@ class VmLink:
             def deliver(message: Message) -> None:
                 events.extend(self.channel.receive(message, now))
 
+            # The gate is the channel's flow: a file source's records wait for the relay (broker.files).
             taken = drain(self.consumer, deliver, max_records=MAX_RECORDS_PER_SERVICE,
-                          max_bytes=MAX_BYTES_PER_SERVICE)
+                          max_bytes=MAX_BYTES_PER_SERVICE, gate=self.channel.wants_input)
             # Records we only drop are no progress: a guest flooding unsolicited records
             # must not keep the broker spinning (it backs off, and the others get the CPU).
             moved = taken - sum(isinstance(event, Dropped) for event in events)

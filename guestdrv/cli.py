@@ -10,6 +10,8 @@ from pathlib import Path
 from control.cli import call, parse_size, report, setup_logging
 from control.errors import ControlError
 from control.sockets import runtime_dir
+from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
+from filexfer.receiver import default_incoming
 from guestdrv.clipboard import make_backend
 from guestdrv.driver import GuestDriver
 from guestdrv.errors import ClipboardError
@@ -57,6 +59,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "(tab, newline and CRLF allowed); permissive: anything (default strict)")
     run.add_argument("--wipe-after", type=_seconds, metavar="SECONDS",
                      help="clear the clipboard SECONDS after a paste, if it still holds the paste")
+    run.add_argument("--incoming", type=Path, default=default_incoming(),
+                     help="where received files go, under a folder per source (default ~/ivclip-incoming)")
+    run.add_argument("--allow-unsafe-names", action="store_true",
+                     help="accept names with control or bidirectional characters or invalid UTF-8 "
+                          "(never a path escape)")
     run.add_argument("--log-level", default="info")
     copy = common(sub.add_parser("copy", help="set the clipboard from standard input (Ctrl-C)"))
     copy.add_argument("--type", default=TEXT_MIME, help=f"MIME type of the content (default {TEXT_MIME})")
@@ -65,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
                                       "else an image, else the first type)")
     paste.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
                        help="wait up to SECONDS for a non-empty clipboard")
+    send = common(sub.add_parser("send", help="offer files and directories; they move once the host "
+                                             "user approves, and this waits for the outcome"))
+    send.add_argument("paths", nargs="+", metavar="PATH")
+    send.add_argument("--move", action="store_true",
+                      help="delete the sources once the receiver confirmed that every file arrived intact")
     common(sub.add_parser("status", help="show the driver's attachment"))
     return parser
 
@@ -84,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
                 socket_path=socket_path, clipboard=clipboard, limit=args.limit,
                 device=args.device, text_policy=TextPolicy(args.text_policy),
                 wipe_after_s=args.wipe_after,
+                incoming=args.incoming.absolute(),
+                allow_unsafe_names=args.allow_unsafe_names,
             )
             driver.start()
             driver.install_signal_handlers()
@@ -115,6 +129,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout.buffer.write(body)
             sys.stdout.buffer.flush()
             return 0
+        if args.command == "send":
+            found = scan_sources(args.paths, move=args.move)
+            if found is None:
+                return 1
+            print(f"offering {summary(found)}; waiting for the host user", file=sys.stderr)
+            return wait_for_outcome(socket_path, {
+                "op": "send", "move": args.move, "entries": found.entries, "files": found.files,
+                "total_size": found.total_size}, paths_body(found), service="guest driver")
         reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="guest driver")
         return report(reply, as_json=True)
     except ControlError as exc:

@@ -21,15 +21,18 @@ from typing import Any
 
 from control.framing import Frame
 from control.server import Connection, ControlServer
+from filexfer.receiver import default_incoming, sweep_partials
 from guestdrv.clipboard import ClipboardBackend, choose_item
 from guestdrv.device import pick_device
 from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from guestdrv.files import FILE_SPINS, GuestFiles
 from protocol import clipformat
 from protocol.channel import CopyRequested, Dropped, GuestChannel, GuestEvent, PasteReceived
 from protocol.clipformat import ClipItem, TextPolicy
 from protocol.errors import ClipFormatError, RemoteProtocolError
+from protocol.filestream import LENIENT, STRICT
 from protocol.messages import CHUNK_HEADER_SIZE, Message, RefusedBecause, StatusCode
-from protocol.pump import drain, flush
+from protocol.pump import drain, drain_views, flush
 from shm import layout
 from shm.backoff import Backoff
 from shm.errors import LayoutError, RegionError, RingCorruptError
@@ -43,6 +46,9 @@ RETRY_ATTACH_S = 0.5
 SESSION_LOOK_S = 0.1
 CHUNK_SIZE = 256 * 1024
 MAX_RECORDS = 256
+MAX_FILE_BYTES_PER_POLL = 16 << 20
+"""File data written per poll: the heartbeat goes on even when the disk is slow
+(16 MiB at 50 MB/s is a third of a second; the broker calls a driver gone after 2 s)."""
 
 
 class _Attached:
@@ -63,6 +69,7 @@ class _Attached:
         )
         mem.store_u64(layout.H2G_HEAD_OFF, self.consumer.head)  # hand that space back
         chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
+        self.chunk_size = chunk
         self.channel = GuestChannel(chunk_size=chunk, limit=limit)
         self.heartbeat = 1
         mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(64) or 1)
@@ -82,6 +89,8 @@ class GuestDriver:
         idle_wait_s: float = 0.02,
         text_policy: TextPolicy = TextPolicy.STRICT,
         wipe_after_s: float | None = None,
+        incoming: Path | None = None,
+        allow_unsafe_names: bool = False,
     ) -> None:
         self.socket_path = socket_path
         self.clipboard = clipboard
@@ -105,6 +114,8 @@ class GuestDriver:
         self._selector = selectors.DefaultSelector()
         self._server: ControlServer | None = None
         self._wake_r, self._wake_w = socket.socketpair()
+        self.files = GuestFiles(incoming=incoming or default_incoming(), selector=self._selector,
+                                policy=LENIENT if allow_unsafe_names else STRICT)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -114,6 +125,7 @@ class GuestDriver:
         )
         self._wake_r.setblocking(False)
         self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
+        sweep_partials(self.files.incoming)
 
     def install_signal_handlers(self) -> None:
         self._wake_w.setblocking(False)
@@ -140,11 +152,16 @@ class GuestDriver:
 
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.idle_wait_s)
+        spins = backoff.spins
         while not self._stopping:
             now = time.monotonic()
             if self.poll_once(now):
                 backoff.reset()
-            wait = backoff.next_wait() if self._attached else min(RETRY_ATTACH_S, 0.1)
+            # While files move, poll at least every millisecond (like the broker), and spin
+            # less: see broker.files.FILE_SPINS.
+            cap = 0.001 if self.files.active else None
+            backoff.spins = FILE_SPINS if self.files.active else spins
+            wait = backoff.next_wait(cap) if self._attached else min(RETRY_ATTACH_S, 0.1)
             for key, _ in self._selector.select(wait):
                 key.data()
 
@@ -177,6 +194,7 @@ class GuestDriver:
         if self._attached is None:
             return
         log.info("detached: %s", why)
+        self.files.detached(why)
         self._attached.region.close()
         self._attached = None
 
@@ -203,15 +221,19 @@ class GuestDriver:
             att.heartbeat += 1
             mem.store_u64(layout.GUEST_HEARTBEAT_OFF, att.heartbeat)
             self._next_beat = now + layout.HEARTBEAT_PERIOD_S
-        events: list[GuestEvent] = []
-
         def deliver(message: Message) -> None:
-            events.extend(att.channel.receive(message))
+            # Events are handled at once: a file chunk may be a view into the ring, valid
+            # only until its record is consumed (pump.drain_views).
+            for event in att.channel.receive(message):
+                self._on_event(att, event)
 
         try:
-            moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
-            for event in events:
-                self._on_event(att, event)
+            if att.channel.receiving_id:
+                moved = drain_views(att.consumer, deliver, max_records=MAX_RECORDS,
+                                    max_bytes=MAX_FILE_BYTES_PER_POLL)
+            else:
+                moved = drain(att.consumer, deliver, max_records=MAX_RECORDS)
+            self.files.poll(now)
             moved += flush(att.producer, att.channel, att.channel.output_done, max_records=MAX_RECORDS)
         except (RingCorruptError, RemoteProtocolError) as exc:
             log.warning("the broker's side of the region is inconsistent (%s); re-attaching", exc)
@@ -220,6 +242,8 @@ class GuestDriver:
         return moved > 0
 
     def _on_event(self, att: _Attached, event: GuestEvent) -> None:
+        if self.files.on_event(att.channel, event):
+            return
         match event:
             case CopyRequested(transfer_id, limit):
                 self._answer_copy(att, transfer_id, limit)
@@ -312,6 +336,10 @@ class GuestDriver:
                 else:
                     conn.reply({"ok": True, "message": f"{len(chosen.data)} bytes",
                                 "type": chosen.mime, "types": types}, bytes(chosen.data))
+            elif op == "send":
+                att = self._attached
+                self.files.request_send(conn, frame, att.channel if att else None,
+                                        att.chunk_size if att else 0)
             elif op == "status":
                 conn.reply(self.status())
             else:
@@ -336,4 +364,5 @@ class GuestDriver:
             "text_policy": self.text_policy.value,
             "dropped": self.dropped,
             "pid": os.getpid(),
+            **self.files.status(),
         }

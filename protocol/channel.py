@@ -15,6 +15,18 @@ mark the VM faulty.
 
 Transitions are one table per side, keyed by (state, message type); a pair
 missing from the table is an unsolicited message.
+
+Files (protocol.filestream): a guest may *announce* a transfer (FileOffer) at
+any time; that only records a pending offer, shown to the host user.  Its
+stream is accepted only after the approve gesture (:meth:`HostChannel.
+start_file_source`, state FILE_SOURCE), under the transfer id the broker drew,
+and only as fast as the other end can take it: in FILE_SOURCE the channel does
+not want its input drained (:meth:`HostChannel.wants_input`); the broker's
+relay pulls one record at a time, when the target has room, and checks each
+with :meth:`HostChannel.take_stream` against what was approved.  A VM receives
+a stream only after :meth:`HostChannel.start_file_target` (state FILE_TARGET).
+Records of a transfer that already ended are ignored silently (they were in
+flight); any other file record is dropped and counted like clipboard ones.
 """
 
 from __future__ import annotations
@@ -22,25 +34,46 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from protocol.errors import LocalProtocolError, RemoteProtocolError
+from protocol.filestream import LENIENT, EntryStep, StreamChecker
 from protocol.messages import (
     Cancel,
     CopyRequest,
     DataBegin,
     DataChunk,
     DataEnd,
+    FileBegin,
+    FileChunk,
+    FileCode,
+    FileEnd,
+    FileEntry,
+    FileOffer,
+    FileResult,
+    FileStart,
     Message,
     RefusedBecause,
     Status,
     StatusCode,
+    StreamEnd,
+    StreamMessage,
 )
 
 CAP_COPY_FROM = 1 << 0
 """Capability bit: the broker accepts this VM's clipboard now (a copy gesture for it)."""
 CAP_PASTE_TO = 1 << 1
 """Capability bit: the broker is handing the global clipboard to this VM (a paste gesture)."""
+CAP_FILES_FROM = 1 << 2
+"""Capability bit: the broker takes this VM's approved file stream now."""
+CAP_FILES_TO = 1 << 3
+"""Capability bit: the broker is streaming files to this VM."""
+FILE_IDLE_TIMEOUT_S = 60.0
+"""A file transfer fails after this long without a record moving either way.  Longer than
+the clipboard's timeout: a receiver may spend a while making a big transfer durable.  A
+driver that dies is noticed sooner, by its heartbeat (the broker aborts stale VMs)."""
+_STREAM_TYPES = (FileEntry, FileChunk, FileEnd, StreamEnd)
+_CLIPBOARD_TYPES = (CopyRequest, DataBegin, DataChunk, DataEnd, Status)
 
 
 class FailReason(enum.Enum):
@@ -101,8 +134,73 @@ class PasteReceived:
     data: bytearray
 
 
-HostEvent = CopyCompleted | CopyFailed | PasteCompleted | PasteFailed | Dropped
-GuestEvent = CopyRequested | PasteReceived | Dropped
+@dataclass(frozen=True, slots=True)
+class FileOffered:
+    """A guest announced files; the broker shows the offer until a gesture or a withdrawal."""
+
+    offer: FileOffer
+
+
+@dataclass(frozen=True, slots=True)
+class OfferWithdrawn:
+    offer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileOutcome:
+    """The transfer this VM took part in ended on its side.
+
+    `result` is the VM's own FileResult (the receiver's verdict, or a sender's
+    failure); None when it cancelled, timed out or went away (`reason`).
+    """
+
+    transfer_id: int
+    result: FileResult | None
+    reason: FailReason | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class FileSendApproved:
+    """(guest) The host user approved our offer: stream it under `transfer_id`."""
+
+    transfer_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class FileSendEnded:
+    """(guest) Our outgoing transfer ended: the receiver's verdict, relayed, or a cancel."""
+
+    transfer_id: int
+    result: FileResult
+
+
+@dataclass(frozen=True, slots=True)
+class FileIncoming:
+    """(guest) A stream of files follows."""
+
+    begin: FileBegin
+
+
+@dataclass(frozen=True, slots=True)
+class FileStreamed:
+    """(guest) The next record of the incoming stream."""
+
+    message: StreamMessage
+
+
+@dataclass(frozen=True, slots=True)
+class FileIncomingCancelled:
+    transfer_id: int
+
+
+FileEvent = FileOffered | OfferWithdrawn | FileOutcome
+FILE_EVENTS = (FileOffered, OfferWithdrawn, FileOutcome)
+"""The host events that belong to file transfers (broker.files takes them)."""
+HostEvent = CopyCompleted | CopyFailed | PasteCompleted | PasteFailed | Dropped | FileEvent
+GuestEvent = (
+    CopyRequested | PasteReceived | Dropped
+    | FileSendApproved | FileSendEnded | FileIncoming | FileStreamed | FileIncomingCancelled
+)
 
 
 # Shared machinery ----------------------------------------------------------
@@ -117,9 +215,22 @@ class _Outbox:
         self._stream: tuple[int, memoryview, int] | None = None  # id, data, next offset
         self._stream_done = True
         self._current: Message | None = None
+        self._producer: Callable[[], Message | None] | None = None
 
     def send(self, message: Message) -> None:
         self._queue.append(message)
+
+    def attach(self, producer: Callable[[], Message | None]) -> None:
+        """Pull messages from `producer` (after anything queued) until it returns None.
+
+        It is called only when the previous message is in the ring, so it may
+        reuse one buffer for every chunk it hands out.
+        """
+        self._producer = producer
+
+    def detach(self) -> None:
+        """Stop pulling (a cancelled stream); a message already taken still goes out."""
+        self._producer = None
 
     def stream(self, transfer_id: int, data: bytes | bytearray | memoryview) -> None:
         """Queue DataBegin, the chunks and DataEnd for `data` (not copied)."""
@@ -140,7 +251,12 @@ class _Outbox:
         if self._queue:
             return self._queue.popleft()
         if self._stream is None:
-            return None
+            if self._producer is None:
+                return None
+            message = self._producer()
+            if message is None:
+                self._producer = None
+            return message
         transfer_id, view, offset = self._stream
         if offset < view.nbytes:
             end = min(offset + self.chunk_size, view.nbytes)
@@ -154,11 +270,21 @@ class _Outbox:
     @property
     def drained(self) -> bool:
         """Everything queued has been handed to the transport."""
-        return self._current is None and not self._queue and self._stream is None
+        return (self._current is None and not self._queue and self._stream is None
+                and self._producer is None)
 
     def clear(self) -> None:
         self._queue.clear()
         self._current = None
+        if self._stream is not None:
+            self._stream[1].release()
+        self._stream = None
+
+    def clear_clipboard(self) -> None:
+        """Drop clipboard traffic only: file records queued beside it still go out."""
+        self._queue = deque(m for m in self._queue if not isinstance(m, _CLIPBOARD_TYPES))
+        if isinstance(self._current, _CLIPBOARD_TYPES):
+            self._current = None
         if self._stream is not None:
             self._stream[1].release()
         self._stream = None
@@ -201,6 +327,8 @@ class HostState(enum.Enum):
     AWAIT_COPY = "awaiting copy answer"
     RECEIVING_COPY = "receiving copy"
     SENDING_PASTE = "sending paste"
+    FILE_SOURCE = "sending files"
+    FILE_TARGET = "receiving files"
 
 
 class HostChannel:
@@ -217,6 +345,11 @@ class HostChannel:
         self._inbox: _Inbox | None = None
         self._deadline = 0.0
         self._hard_deadline = 0.0
+        self.pending_offer: FileOffer | None = None
+        self.offer_seen_at = 0.0
+        self._checker: StreamChecker | None = None
+        self._stream_ended = False
+        self._retired_id = 0  # a file transfer that ended: its late records are ignored
 
     # Commands from the broker ---------------------------------------------
     @property
@@ -225,7 +358,20 @@ class HostChannel:
             return CAP_COPY_FROM
         if self.state is HostState.SENDING_PASTE:
             return CAP_PASTE_TO
+        if self.state is HostState.FILE_SOURCE:
+            return CAP_FILES_FROM
+        if self.state is HostState.FILE_TARGET:
+            return CAP_FILES_TO
         return 0
+
+    def wants_input(self) -> bool:
+        """Flow: False while the broker's relay pulls this VM's records one by one itself."""
+        return self.state is not HostState.FILE_SOURCE
+
+    @property
+    def stream_checker(self) -> StreamChecker | None:
+        """The checker of the approved stream (FILE_SOURCE), for progress counts."""
+        return self._checker
 
     @property
     def transfer_id(self) -> int:
@@ -258,6 +404,94 @@ class HostChannel:
         self.state = HostState.SENDING_PASTE
         self._out.stream(transfer_id, data)
 
+    def start_file_source(self, transfer_id: int, now: float) -> FileOffer:
+        """Approve the pending offer: ask the VM to stream it under `transfer_id`.
+
+        Returns the offer; the stream is then held to its counts.
+
+        Raises:
+            LocalProtocolError: no offer is pending, or a transfer is in flight.
+        """
+        self._require_idle()
+        offer = self.pending_offer
+        if offer is None:
+            raise LocalProtocolError("no file offer is pending")
+        self._begin(transfer_id, now)
+        self.pending_offer = None
+        # Structure and counts only: the receiver applies its own name policy.
+        self._checker = StreamChecker(
+            max_entries=offer.entries, max_files=offer.files, max_bytes=offer.total_size,
+            policy=LENIENT,
+        )
+        self.state = HostState.FILE_SOURCE
+        self._out.send(FileStart(transfer_id, offer.offer_id))
+        return offer
+
+    def start_file_target(
+        self, transfer_id: int, *, entries: int, files: int, total_size: int, flags: int,
+        source: str, now: float,
+    ) -> None:
+        """Announce a stream of files to this VM; then hand it the stream with :meth:`give_stream`.
+
+        Raises:
+            LocalProtocolError: a transfer is in flight.
+            ValueError: a count or the source name is out of range.
+        """
+        begin = FileBegin(transfer_id, entries, files, total_size, flags, source)
+        self._require_idle()
+        self._begin(transfer_id, now)
+        self._stream_ended = False
+        self.state = HostState.FILE_TARGET
+        self._out.send(begin)
+
+    def take_stream(self, message: StreamMessage, now: float) -> EntryStep | None:
+        """(FILE_SOURCE) Check the next record of the approved stream before it is relayed.
+
+        Raises:
+            LocalProtocolError: not in FILE_SOURCE, or the record belongs to another transfer.
+            RemoteProtocolError: the record breaks the stream's order, counts or sizes.
+        """
+        if self.state is not HostState.FILE_SOURCE or self._checker is None:
+            raise LocalProtocolError(f"no approved stream to take ({self.state.value})")
+        if message.transfer_id != self._transfer_id:
+            raise LocalProtocolError("a record of another transfer")
+        self._deadline = now + FILE_IDLE_TIMEOUT_S
+        return self._checker.check(message)
+
+    def give_stream(self, message: StreamMessage, now: float) -> int:
+        """(FILE_TARGET) Note that `message` goes to this VM next; returns the transfer id
+        to tag it with (messages.encode_stream) before it is put in the VM's ring.
+
+        Raises:
+            LocalProtocolError: not in FILE_TARGET.
+        """
+        if self.state is not HostState.FILE_TARGET:
+            raise LocalProtocolError(f"no stream to give ({self.state.value})")
+        self._deadline = now + FILE_IDLE_TIMEOUT_S
+        if type(message) is StreamEnd:
+            self._stream_ended = True
+        return self._transfer_id
+
+    def finish_file(self, result: FileResult | None) -> None:
+        """End this VM's part in a file transfer from the broker's side.
+
+        A source is told the outcome (`result`, re-tagged); a target is told to
+        cancel (result None).  Late records of the transfer are then ignored.
+        """
+        if self.state not in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
+            return
+        transfer_id = self._transfer_id
+        tell: Message = Cancel(transfer_id) if result is None else replace(result, transfer_id=transfer_id)
+        self._retire()
+        self._out.send(tell)
+
+    def _retire(self) -> None:
+        """End a file role.  What is queued (a FileStart or FileBegin not yet in the ring)
+        still goes out first, so the VM always hears of the transfer before its end."""
+        self._retired_id = self._transfer_id
+        self._checker = None
+        self.state = HostState.IDLE
+
     def abort(self, reason: FailReason) -> list[HostEvent]:
         """Drop whatever is in flight (driver detached, VM faulty, shutdown)."""
         events: list[HostEvent] = []
@@ -265,8 +499,28 @@ class HostChannel:
             events.append(CopyFailed(self._transfer_id, reason))
         elif self.state is HostState.SENDING_PASTE:
             events.append(PasteFailed(self._transfer_id, reason, self._paste_size))
+        elif self.state in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
+            events.append(FileOutcome(self._transfer_id, None, reason))
+            self._retire()
+            # A slow but live driver stops at once; a new driver skips what an old one left.
+            self._out.send(Cancel(self._retired_id))
+            return events
+        if reason is FailReason.DETACHED:
+            self.pending_offer = None  # the driver that offered is gone
         self._to_idle()
         return events
+
+    def reject_offer(self) -> FileOffer | None:
+        """The user rejected the pending offer: forget it and tell the VM; returns it."""
+        offer, self.pending_offer = self.pending_offer, None
+        if offer is not None:
+            self._out.send(Cancel(offer.offer_id))
+        return offer
+
+    @property
+    def output_pending(self) -> bool:
+        """Messages still wait for ring space (a relay must not overtake them)."""
+        return not self._out.drained
 
     def _require_idle(self) -> None:
         if self.state is not HostState.IDLE:
@@ -283,6 +537,7 @@ class HostChannel:
             self._inbox.wipe()
             self._inbox = None
         self._out.clear()
+        self._checker = None
         self.state = HostState.IDLE
 
     # Transport side --------------------------------------------------------
@@ -292,12 +547,19 @@ class HostChannel:
     def output_done(self, now: float) -> None:
         """The message from :meth:`next_output` is in the ring."""
         self._out.done()
-        if self.state is not HostState.IDLE:
+        if self.state in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
+            self._deadline = now + FILE_IDLE_TIMEOUT_S
+        elif self.state is not HostState.IDLE:
             self._deadline = now + self.timeout_s
 
     def tick(self, now: float) -> list[HostEvent]:
         """Time out a transfer that made no progress."""
-        if self.state is HostState.IDLE or (now < self._deadline and now < self._hard_deadline):
+        if self.state is HostState.IDLE:
+            return []
+        if self.state in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
+            # No overall limit: a big tree takes as long as it takes while it moves.
+            return self.abort(FailReason.TIMEOUT) if now >= self._deadline else []
+        if now < self._deadline and now < self._hard_deadline:
             return []
         return self.abort(FailReason.TIMEOUT)
 
@@ -307,13 +569,46 @@ class HostChannel:
         Raises:
             RemoteProtocolError: the guest broke the protocol; the caller marks it faulty.
         """
-        if isinstance(message, CopyRequest):
-            raise RemoteProtocolError("a guest may not send copy requests")
+        if isinstance(message, CopyRequest | FileStart | FileBegin):
+            raise RemoteProtocolError(f"a guest may not send {type(message).__name__} records")
+        if isinstance(message, FileOffer):
+            return self._on_offer(message, now)
+        if isinstance(message, Cancel) and self.pending_offer is not None \
+                and message.transfer_id == self.pending_offer.offer_id:
+            self.pending_offer = None
+            return [OfferWithdrawn(message.transfer_id)]
+        if self._retired_id and message.transfer_id == self._retired_id \
+                and isinstance(message, (*_STREAM_TYPES, FileResult, Cancel)):
+            return []  # in flight when the transfer ended
         handler = _HOST_TABLE.get((self.state, type(message)))
         if handler is None or message.transfer_id != self._transfer_id:
             return [Dropped(message)]
-        self._deadline = now + self.timeout_s
+        if self.state in (HostState.FILE_SOURCE, HostState.FILE_TARGET):
+            self._deadline = now + FILE_IDLE_TIMEOUT_S
+        else:
+            self._deadline = now + self.timeout_s
         return handler(self, message)
+
+    def _on_offer(self, message: FileOffer, now: float) -> list[HostEvent]:
+        if self.pending_offer is not None:
+            return [Dropped(message)]  # one at a time: an offer never changes under the user's eyes
+        self.pending_offer = message
+        self.offer_seen_at = now
+        return [FileOffered(message)]
+
+    def _on_file_result(self, message: FileResult) -> list[HostEvent]:
+        if self.state is HostState.FILE_TARGET and message.code is FileCode.OK and not (
+            self._stream_ended and self._out.drained
+        ):
+            raise RemoteProtocolError("the receiver confirmed files it has not all been sent")
+        if self.state is HostState.FILE_SOURCE and message.code is FileCode.OK:
+            raise RemoteProtocolError("a sender cannot declare its own transfer successful")
+        self._retire()
+        return [FileOutcome(self._retired_id, message)]
+
+    def _on_file_cancel(self, message: Cancel) -> list[HostEvent]:
+        self._retire()
+        return [FileOutcome(self._retired_id, None, FailReason.CANCELLED)]
 
     def _on_copy_status(self, message: Status) -> list[HostEvent]:
         reason = {
@@ -382,6 +677,10 @@ _HOST_TABLE: dict[tuple[HostState, type], _HostHandler] = {
     (HostState.RECEIVING_COPY, Cancel): HostChannel._on_cancel,  # type: ignore[dict-item]
     (HostState.SENDING_PASTE, Status): HostChannel._on_paste_status,  # type: ignore[dict-item]
     (HostState.SENDING_PASTE, Cancel): HostChannel._on_cancel,  # type: ignore[dict-item]
+    (HostState.FILE_SOURCE, FileResult): HostChannel._on_file_result,  # type: ignore[dict-item]
+    (HostState.FILE_SOURCE, Cancel): HostChannel._on_file_cancel,  # type: ignore[dict-item]
+    (HostState.FILE_TARGET, FileResult): HostChannel._on_file_result,  # type: ignore[dict-item]
+    (HostState.FILE_TARGET, Cancel): HostChannel._on_file_cancel,  # type: ignore[dict-item]
 }
 
 
@@ -393,7 +692,8 @@ class GuestState(enum.Enum):
 
 
 class GuestChannel:
-    """The guest driver's end: answers copy requests, assembles pastes."""
+    """The guest driver's end: answers copy requests, assembles pastes, offers and
+    streams files, receives file streams.  File transfers run beside the clipboard."""
 
     def __init__(self, *, chunk_size: int, limit: int) -> None:
         self.state = GuestState.IDLE
@@ -403,6 +703,9 @@ class GuestChannel:
         self._discarding = 0
         self._answering = 0
         self._request_limit = 0
+        self.offer_id = 0  # our pending offer
+        self.sending_id = 0  # our approved outgoing transfer
+        self.receiving_id = 0  # the incoming transfer
 
     def next_output(self) -> Message | None:
         return self._out.next()
@@ -410,9 +713,55 @@ class GuestChannel:
     def output_done(self) -> None:
         self._out.done()
 
+    # Files out ---------------------------------------------------------------
+    def announce(self, offer: FileOffer) -> None:
+        """Offer files to the host user.
+
+        Raises:
+            LocalProtocolError: an offer or an outgoing transfer is already under way.
+        """
+        if self.offer_id or self.sending_id:
+            raise LocalProtocolError("a file transfer is already offered or under way")
+        self.offer_id = offer.offer_id
+        self._out.send(offer)
+
+    def stream(self, producer: Callable[[], Message | None]) -> None:
+        """Send the approved stream: `producer` hands out its records one by one, when the
+        ring took the previous one (it may reuse one buffer for every chunk).
+
+        Raises:
+            LocalProtocolError: no transfer was approved.
+        """
+        if not self.sending_id:
+            raise LocalProtocolError("no approved transfer to stream")
+        self._out.attach(producer)
+
+    def cancel_send(self) -> None:
+        """Withdraw our offer or stop our stream (the user pressed Ctrl-C)."""
+        if self.sending_id:
+            self._out.detach()
+            self._out.send(Cancel(self.sending_id))
+        elif self.offer_id:
+            self._out.send(Cancel(self.offer_id))
+        self.offer_id = self.sending_id = 0
+
+    def fail_send(self, result: FileResult) -> None:
+        """We could not read what we offered: tell the broker why, and stop."""
+        if self.sending_id:
+            self._out.detach()
+            self._out.send(replace(result, transfer_id=self.sending_id))
+        self.sending_id = 0
+
+    # Files in ----------------------------------------------------------------
+    def file_result(self, result: FileResult) -> None:
+        """The receiver's verdict on the incoming transfer (OK only after StreamEnd)."""
+        if result.transfer_id == self.receiving_id:
+            self.receiving_id = 0
+        self._out.send(result)
+
     def answer_copy(self, transfer_id: int, data: bytes | bytearray | None) -> None:
         """Answer the copy request `transfer_id` with the clipboard (None or b"" if empty)."""
-        self._out.clear()
+        self._out.clear_clipboard()
         self._answering = transfer_id
         if not data:
             self._out.send(Status(transfer_id, StatusCode.EMPTY))
@@ -439,12 +788,43 @@ class GuestChannel:
             RemoteProtocolError: the broker's stream is inconsistent.
         """
         match message:
+            case FileStart(transfer_id, offer_id):
+                if not self.offer_id or offer_id != self.offer_id:
+                    return [Dropped(message)]
+                self.offer_id = 0
+                self.sending_id = transfer_id
+                return [FileSendApproved(transfer_id)]
+            case FileResult(transfer_id):
+                if not self.sending_id or transfer_id != self.sending_id:
+                    return [Dropped(message)]
+                self._out.detach()
+                self.sending_id = 0
+                return [FileSendEnded(transfer_id, message)]
+            case FileBegin(transfer_id):
+                self.receiving_id = transfer_id
+                return [FileIncoming(message)]
+            case FileEntry(transfer_id) | FileChunk(transfer_id) | FileEnd(transfer_id) | \
+                    StreamEnd(transfer_id):
+                if not self.receiving_id or transfer_id != self.receiving_id:
+                    return [Dropped(message)]
+                return [FileStreamed(message)]
+            case Cancel(transfer_id) if transfer_id and transfer_id == self.sending_id:
+                self._out.detach()
+                self.sending_id = 0
+                return [FileSendEnded(transfer_id, FileResult(transfer_id, FileCode.CANCELLED))]
+            case Cancel(transfer_id) if transfer_id and transfer_id == self.offer_id:
+                self.offer_id = 0
+                return [FileSendEnded(transfer_id, FileResult(
+                    transfer_id, FileCode.REFUSED, detail=b"the host user rejected the offer"))]
+            case Cancel(transfer_id) if transfer_id and transfer_id == self.receiving_id:
+                self.receiving_id = 0
+                return [FileIncomingCancelled(transfer_id)]
             case CopyRequest(transfer_id, limit):
                 self._request_limit = min(limit, self.limit)
                 return [CopyRequested(transfer_id, self._request_limit)]
             case Cancel(transfer_id):
                 if self._answering == transfer_id:
-                    self._out.clear()
+                    self._out.clear_clipboard()
                 if self._inbox is not None and self._inbox.transfer_id == transfer_id:
                     self._inbox.wipe()
                     self._inbox = None

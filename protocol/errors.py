@@ -21,3 +21,17 @@ class ClipFormatError(ProtocolError):
     Not a RemoteProtocolError: the ring protocol was followed, only the content
     is bad, so the transfer is refused but the VM is not marked faulty.
     """
+
+
+class FileRefused(RemoteProtocolError):
+    """A file stream breaks a rule of the receiver (a name, a link, a size, the order).
+
+    `code` is the messages.FileCode to answer with, `name` the relative path (raw
+    bytes, as sent) and `detail` the reason, for people.
+    """
+
+    def __init__(self, code: int, name: bytes, detail: str) -> None:
+        super().__init__(f"{detail} ({name[:200]!r})" if name else detail)
+        self.code = code
+        self.name = name
+        self.detail = detail

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
-from protocol.messages import Message, decode, encode
+from protocol.messages import Kind, Message, decode, encode
 
 
 class RecordLike(Protocol):
@@ -25,6 +25,11 @@ class RecordSource(Protocol):
     def release(self) -> None: ...
 
 
+class PeekingSource(RecordSource, Protocol):
+    def peek(self) -> tuple[int, memoryview] | None: ...
+    def consume(self, *, release: bool = True) -> None: ...
+
+
 class RecordSink(Protocol):
     def try_push(
         self, kind: int, parts: Sequence[bytes | bytearray | memoryview], *, publish: bool = True
@@ -37,12 +42,18 @@ class Outgoing(Protocol):
 
 
 def drain(
-    source: RecordSource, deliver: Callable[[Message], None], *, max_records: int,
+    source: RecordSource,
+    deliver: Callable[[Message], None],
+    *,
+    max_records: int,
     max_bytes: int | None = None,
+    gate: Callable[[], bool] | None = None,
 ) -> int:
     """Decode and deliver up to `max_records` records, stopping once `max_bytes` of
     payload have been taken (if given); returns how many.
 
+    `gate` is the channel's flow control: no record is taken while it says
+    False (records then wait in the ring, where they apply backpressure).
     Space is handed back to the producer once, at the end (batching).
 
     Raises:
@@ -52,13 +63,46 @@ def drain(
     count = 0
     taken = 0
     try:
-        while count < max_records and (max_bytes is None or taken < max_bytes):
+        while (count < max_records and (max_bytes is None or taken < max_bytes)
+               and (gate is None or gate())):
             record = source.poll(release=False)
             if record is None:
                 break
             count += 1
             taken += len(record.payload)
             deliver(decode(record.kind, record.payload))
+    finally:
+        source.release()
+    return count
+
+
+def drain_views(
+    source: PeekingSource, deliver: Callable[[Message], None], *, max_records: int, max_bytes: int
+) -> int:
+    """Like :func:`drain`, but a file chunk's data is handed over as a view into the ring:
+    `deliver` must be done with it when it returns (the record is consumed right after).
+
+    The receiving end of a file stream writes and hashes chunks straight from
+    the ring this way, without copying them first.  Other records are copied
+    out as usual.  Space is handed back once, at the end.  `max_bytes` bounds the
+    payload taken in one call (writing it may take a while on a slow disk).
+
+    Raises:
+        RingCorruptError: from the ring, when the peer's indices or headers are invalid.
+        RemoteProtocolError: a record does not decode, or `deliver` rejects it.
+    """
+    count = 0
+    taken = 0
+    try:
+        while count < max_records and taken < max_bytes:
+            found = source.peek()
+            if found is None:
+                break
+            kind, view = found
+            count += 1
+            taken += view.nbytes
+            deliver(decode(kind, view if kind == Kind.FILE_CHUNK else bytes(view)))
+            source.consume(release=False)
     finally:
         source.release()
     return count

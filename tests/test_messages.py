@@ -70,7 +70,7 @@ def test_exact_encodings():
     assert wire(DataEnd(7)) == (4, struct.pack("<Q", 7))
     assert wire(Status(8, StatusCode.TOO_LARGE, 9)) == (5, struct.pack("<QIIQ", 8, 2, 0, 9))
     assert wire(Cancel(U64)) == (6, b"\xff" * 8)
-    assert [int(k) for k in Kind] == [1, 2, 3, 4, 5, 6]
+    assert [int(k) for k in Kind] == list(range(1, 15))  # 7-14: file transfers (filestream)
     assert [int(c) for c in StatusCode] == [0, 1, 2, 3, 4]
     assert CHUNK_HEADER_SIZE == 16
 
@@ -85,7 +85,7 @@ def test_chunk_with_no_data():
     assert decode(Kind.DATA_CHUNK, struct.pack("<QQ", 1, 0)) == DataChunk(1, 0, b"")
 
 
-@pytest.mark.parametrize("kind", [0, 7, 8, 255, 0xFFFFFFFF])
+@pytest.mark.parametrize("kind", [0, 15, 16, 255, 0xFFFFFFFF])
 def test_unknown_kind(kind):
     with pytest.raises(RemoteProtocolError, match="unknown record kind"):
         decode(kind, bytes(16))

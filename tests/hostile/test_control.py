@@ -123,7 +123,7 @@ BAD_REQUESTS = [
     (b"[1, 2]\n", "must be a JSON object"),
     (b'"copy"\n', "must be a JSON object"),
     (b'{"op": "copy", "op": "paste", "vm": "alice"}\n', "duplicate key 'op'"),
-    (b'{"op": "status", "body_size": 5}\nhello', "exceeds the limit of 0"),
+    (b'{"op": "status", "body_size": 2000000}\n', "exceeds the limit of 1048576"),
     (b'{"op": "status", "body_size": -1}\n', "non-negative integer"),
     (b'{"op": "status", "body_size": true}\n', "non-negative integer"),
     (b"[" * 30000 + b"\n", "nested too deeply"),
