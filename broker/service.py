@@ -340,7 +340,8 @@ class Broker:
             return
         now = time.monotonic()
         if op == "copy":
-            vm.channel.start_copy(gesture.transfer_id, gesture.limit, now)
+            # The limit is on content; the wire also carries the container around it.
+            vm.channel.start_copy(gesture.transfer_id, gesture.limit + clipformat.MAX_OVERHEAD, now)
         else:
             assert self.clipboard.data is not None
             vm.channel.start_paste(gesture.transfer_id, self.clipboard.data, now)
@@ -402,6 +403,13 @@ class Broker:
                     return {"ok": False, "message": (
                         f"{vm.name} sent content that is not a valid typed clipboard ({exc}); "
                         "refused, global clipboard wiped")}
+                content = sum(size for _, size in types)
+                if content > limit:
+                    data[:] = bytes(len(data))
+                    self.clipboard.wipe()
+                    return {"ok": False, "message": (
+                        f"{vm.name}'s clipboard ({content} bytes) is over the limit of {limit} "
+                        "bytes; refused, global clipboard wiped")}
                 self.clipboard.take(data, vm.name, types)
                 if self.config.clipboard_ttl_s is not None:
                     self._clipboard_expires = time.monotonic() + self.config.clipboard_ttl_s

@@ -70,7 +70,8 @@ class _Attached:
         mem.store_u64(layout.H2G_HEAD_OFF, self.consumer.head)  # hand that space back
         chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
         self.chunk_size = chunk
-        self.channel = GuestChannel(chunk_size=chunk, limit=limit)
+        # `limit` is on content; a paste also carries the container around it.
+        self.channel = GuestChannel(chunk_size=chunk, limit=limit + clipformat.MAX_OVERHEAD)
         self.heartbeat = 1
         mem.store_u64(layout.GUEST_EPOCH_OFF, secrets.randbits(64) or 1)
         mem.store_u64(layout.GUEST_HEARTBEAT_OFF, self.heartbeat)

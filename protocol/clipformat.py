@@ -52,6 +52,9 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 _HEADER = struct.Struct("<4sBBH")
 _SIZE = struct.Struct("<Q")
+MAX_OVERHEAD = _HEADER.size + MAX_ITEMS * (1 + MAX_MIME_LEN + _SIZE.size)
+"""The most a container adds to its items' bytes: what a limit on content must allow the
+wire on top, so that content of exactly the limit still travels."""
 _TOKEN = r"[a-z0-9][a-z0-9!#$&^_.+-]{0,62}"
 MIME_RE = re.compile(rf"{_TOKEN}/{_TOKEN}(;{_TOKEN}={_TOKEN})?")
 """Lower-case type/subtype with at most one parameter, no spaces, quotes or markup:

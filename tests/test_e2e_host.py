@@ -99,6 +99,15 @@ def test_large_content_travels_in_chunks_through_a_small_region(lab: HostLab) ->
     assert_mallory_clean(lab, content)
 
 
+def test_content_of_exactly_the_limit_travels(lab: HostLab) -> None:
+    content = os.urandom(16 << 20)  # the default limit on content; the container adds a little
+    assert lab.guest_cmd("alice", "copy", *BINARY, input=content).returncode == 0
+    code, line = gesture(lab, "copy", "alice")
+    assert code == 0, line
+    assert gesture(lab, "paste", "bob")[0] == 0
+    assert lab.guest_cmd("bob", "paste").stdout == content
+
+
 def test_content_over_the_limit_is_refused_and_the_global_clipboard_wiped(lab: HostLab) -> None:
     small = random_content()
     assert lab.guest_cmd("alice", "copy", *BINARY, input=small).returncode == 0
