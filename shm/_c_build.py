@@ -219,11 +219,30 @@ void ivc_put_record(char *rec, uint32_t length, uint32_t kind, const char *src, 
    The caller has checked: kind != 0, every length <= max_record, the lengths
    add up to no more than src_len.  Returns the records written;
    out[0] = the new tail, out[1] = bytes of src used. */
+/* Indices run modulo the largest multiple of the capacity below 2**64
+   (shm.ring.ring_wrap); these two keep that arithmetic free of overflow.
+   Both arguments are already below `wrap`. */
+static inline uint64_t ivc_wrap(uint64_t capacity)
+{
+    return (UINT64_MAX / capacity) * capacity;
+}
+
+static inline uint64_t ivc_advance(uint64_t index, uint64_t n, uint64_t wrap)
+{
+    return n >= wrap - index ? n - (wrap - index) : index + n;
+}
+
+static inline uint64_t ivc_distance(uint64_t ahead, uint64_t behind, uint64_t wrap)
+{
+    return ahead >= behind ? ahead - behind : ahead + (wrap - behind);
+}
+
 size_t ivc_ring_put(char *ring, uint64_t capacity, uint64_t tail, uint64_t head,
                     uint32_t kind, const char *src, size_t src_len,
                     const uint32_t *lengths, size_t count, uint32_t each, uint64_t *out)
 {
     size_t done = 0, used = 0;
+    const uint64_t wrap = ivc_wrap(capacity);
     while (done < count) {
         uint32_t length;
         if (lengths != NULL) {
@@ -236,16 +255,16 @@ size_t ivc_ring_put(char *ring, uint64_t capacity, uint64_t tail, uint64_t head,
         uint64_t pos = tail % capacity;
         uint64_t to_end = capacity - pos;
         uint64_t need = span <= to_end ? span : to_end + span;
-        uint64_t free_bytes = capacity - (tail - head);
+        uint64_t free_bytes = capacity - ivc_distance(tail, head, wrap);
         if (need > free_bytes)
             break;
         if (span > to_end) {
             ivc_put_header(ring + pos, (uint32_t)(to_end - IVC_HDR), 0);
-            tail += to_end;
+            tail = ivc_advance(tail, to_end, wrap);
             pos = 0;
         }
         ivc_put_record(ring + pos, length, kind, src + used, length);
-        tail += span;
+        tail = ivc_advance(tail, span, wrap);
         used += length;
         done++;
     }
@@ -271,8 +290,9 @@ int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
 {
     size_t done = 0, used = 0;
     int status = 0;
+    const uint64_t wrap = ivc_wrap(capacity);
     while (done < max_records) {
-        uint64_t available = tail - head;
+        uint64_t available = ivc_distance(tail, head, wrap);
         if (available == 0)
             break;
         uint64_t pos = head % capacity;
@@ -286,7 +306,7 @@ int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
                 out[3] = pos; out[4] = length; out[5] = kind;
                 break;
             }
-            head += to_end;
+            head = ivc_advance(head, to_end, wrap);
             continue;
         }
         uint64_t span = IVC_SPAN(length);
@@ -301,7 +321,7 @@ int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
         meta[2 * done] = kind;
         meta[2 * done + 1] = length;
         used += length;
-        head += span;
+        head = ivc_advance(head, span, wrap);
         done++;
     }
     out[0] = head;

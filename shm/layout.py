@@ -36,7 +36,8 @@ The first 4 KiB page is the header; the rest holds two rings of equal capacity::
       4096     C  g2h ring data
     4096+C     C  h2g ring data       (C = ring_capacity(region_size))
 
-Ring indices are free-running u64 byte counters: position = index % capacity.
+Ring indices are free-running byte counters modulo the largest multiple of the
+capacity below 2**64 (shm.ring.ring_wrap): position = index % capacity.
 Each hot index sits alone in a 128-byte block so that the producer and consumer
 never share a cache line (nor the adjacent line the prefetcher pairs with it).
 

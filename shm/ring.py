@@ -2,7 +2,9 @@
 
 A ring is `capacity` bytes of data plus two free-running u64 byte indices in
 the region header: the producer's tail and the consumer's head
-(:mod:`shm.layout`).  Position = index % capacity.  Each record is::
+(:mod:`shm.layout`), both modulo :func:`ring_wrap` (the largest multiple of the
+capacity below 2**64, so that positions stay continuous when an index wraps).
+Position = index % capacity.  Each record is::
 
     u32 length    payload length in bytes
     u32 kind      0 = padding to the end of the ring; any other value is the caller's
@@ -21,7 +23,7 @@ space.
 Trust: each side keeps its own index privately and never reads it back from
 shared memory.  What it reads of the peer (the peer's index, a record header)
 is read once into private memory and validated before use:
-``0 <= tail - head <= capacity``, 8-byte alignment, ``length <= max_record``,
+``tail < wrap``, ``0 <= (tail - head) mod wrap <= capacity``, 8-byte alignment, ``length <= max_record``,
 the record inside the published span and inside the ring.  Anything else
 raises :class:`RingCorruptError`; the ring must then be re-initialised.
 
@@ -80,6 +82,11 @@ class Record:
     payload: bytes
 
 
+def ring_wrap(capacity: int) -> int:
+    """The modulus of a ring's free-running indices: the largest multiple of `capacity` below 2**64."""
+    return _MASK64 // capacity * capacity
+
+
 def _check_kind(kind: int) -> None:
     if not 0 < kind <= _MASK32:
         raise ValueError(f"record kind {kind} is reserved or out of range")
@@ -93,7 +100,7 @@ def _release_views(views: list[memoryview]) -> None:
 
 
 class _RingEnd:
-    __slots__ = ("_capacity", "_data", "_mem", "geometry", "max_record")
+    __slots__ = ("_capacity", "_data", "_mem", "_wrap", "geometry", "max_record")
 
     def __init__(self, mem: SharedBuffer, geometry: RingGeometry, max_record: int) -> None:
         if geometry.capacity % 4096 or geometry.data_offset + geometry.capacity > mem.size:
@@ -104,6 +111,10 @@ class _RingEnd:
         self.geometry = geometry
         self._data = geometry.data_offset
         self._capacity = geometry.capacity
+        # Indices run modulo the largest multiple of the capacity that fits in a u64,
+        # not modulo 2**64: a capacity that does not divide 2**64 would otherwise make
+        # the position jump when an index wraps.
+        self._wrap = ring_wrap(geometry.capacity)
         self.max_record = max_record
 
 
@@ -118,10 +129,10 @@ class RingProducer(_RingEnd):
         super().__init__(mem, geometry, max_record)
         if start_index % RECORD_ALIGN:
             raise ValueError("start index must be 8-byte aligned")
-        self._tail = start_index & _MASK64
+        self._tail = start_index % self._wrap
         self._published = self._tail
         # Unknown yet: assume full, so that the first push reads the real head.
-        self._head_seen = (self._tail - self._capacity) & _MASK64
+        self._head_seen = (self._tail - self._capacity) % self._wrap
         self._loan: tuple[int, int] | None = None
         self._loan_view: memoryview | None = None
 
@@ -136,8 +147,8 @@ class RingProducer(_RingEnd):
             RingCorruptError: the consumer's head is not within `capacity` behind our tail.
         """
         head = self._mem.load_u64(self.geometry.consumer_index_offset)
-        used = (self._tail - head) & _MASK64
-        if used > self._capacity:
+        used = (self._tail - head) % self._wrap
+        if used > self._capacity or head >= self._wrap:
             raise RingCorruptError(
                 f"consumer index {head} is {used} bytes behind producer index {self._tail}, "
                 f"more than the capacity {self._capacity}"
@@ -153,14 +164,14 @@ class RingProducer(_RingEnd):
         pos = self._tail % self._capacity
         to_end = self._capacity - pos
         need = span if span <= to_end else to_end + span
-        free = self._capacity - ((self._tail - self._head_seen) & _MASK64)
+        free = self._capacity - ((self._tail - self._head_seen) % self._wrap)
         if need > free:
             free = self.free_space()
             if need > free:
                 return None
         if span > to_end:
             self._mem.put_header(self._data + pos, to_end - _HEADER_SIZE, PAD_KIND)
-            self._tail = (self._tail + to_end) & _MASK64
+            self._tail = (self._tail + to_end) % self._wrap
             pos = 0
         return pos
 
@@ -189,7 +200,7 @@ class RingProducer(_RingEnd):
         if pos is None:
             return False
         self._mem.put_record(self._data + pos, kind, length, parts)
-        tail = self._tail = (self._tail + span) & _MASK64
+        tail = self._tail = (self._tail + span) % self._wrap
         if publish and tail != self._published:
             self._mem.store_u64(self.geometry.producer_index_offset, tail)
             self._published = tail
@@ -300,7 +311,7 @@ class RingProducer(_RingEnd):
             raise ValueError(f"committed length {length} exceeds the loan of {loaned}")
         _check_kind(kind)
         self._mem.put_header(self._data + pos, length, kind)
-        self._tail = (self._tail + record_span(length)) & _MASK64
+        self._tail = (self._tail + record_span(length)) % self._wrap
         self._loan = None
         if self._loan_view is not None:
             _release_views([self._loan_view])
@@ -326,7 +337,7 @@ class RingConsumer(_RingEnd):
         super().__init__(mem, geometry, max_record)
         if start_index % RECORD_ALIGN:
             raise ValueError("start index must be 8-byte aligned")
-        self._head = start_index & _MASK64
+        self._head = start_index % self._wrap
         self._released = self._head
         self._tail_seen = self._head
         self._peeked: int = 0
@@ -347,14 +358,14 @@ class RingConsumer(_RingEnd):
         """
         if self._head == self._tail_seen:
             tail = self._mem.load_u64(self.geometry.producer_index_offset)
-            used = (tail - self._head) & _MASK64
-            if used > self._capacity or tail % RECORD_ALIGN:
+            used = (tail - self._head) % self._wrap
+            if used > self._capacity or tail % RECORD_ALIGN or tail >= self._wrap:
                 raise RingCorruptError(
                     f"producer index {tail} is not within the capacity {self._capacity} "
                     f"ahead of consumer index {self._head} (or is misaligned)"
                 )
             self._tail_seen = tail
-        return (self._tail_seen - self._head) & _MASK64
+        return (self._tail_seen - self._head) % self._wrap
 
     def _next(self) -> tuple[int, int, int] | None:
         """Validate the next record header; return (kind, payload offset, length) or None.
@@ -376,7 +387,7 @@ class RingConsumer(_RingEnd):
                     raise RingCorruptError(
                         f"padding record of {length} bytes at {pos} does not end the ring"
                     )
-                self._head = (self._head + to_end) & _MASK64
+                self._head = (self._head + to_end) % self._wrap
                 continue
             span = _HEADER_SIZE + ((length + _ALIGN_MASK) & ~_ALIGN_MASK)
             if length > self.max_record or span > available or pos + span > self._capacity:
@@ -385,7 +396,7 @@ class RingConsumer(_RingEnd):
 
     def _step(self, span: int) -> None:
         """Consume `span` bytes at the head (the record found by _next)."""
-        self._head = (self._head + span) & _MASK64
+        self._head = (self._head + span) % self._wrap
         self._peeked = 0
         if self._unconsumed:  # the peeked record is consumed: its views wait for release
             self._held.extend(self._unconsumed)
@@ -458,7 +469,7 @@ class RingConsumer(_RingEnd):
             )
             moved = head != self._head
             if moved:
-                self._step((head - self._head) & _MASK64)
+                self._step((head - self._head) % self._wrap)
             records += n
             nbytes += used
             if status:
@@ -470,7 +481,7 @@ class RingConsumer(_RingEnd):
                         f"padding record of {length} bytes at {pos} does not end the ring"
                     )
                 raise _bad_record(
-                    kind, length, pos, (self._tail_seen - self._head) & _MASK64,
+                    kind, length, pos, (self._tail_seen - self._head) % self._wrap,
                     self.max_record,
                 )
             if self._head != self._tail_seen or not moved:

@@ -28,7 +28,7 @@ from shm.errors import RingCorruptError
 from shm.layout import HEADER_SIZE, RingGeometry
 from shm.memory import SharedBuffer
 from shm.region import Region, initialise, read_identity
-from shm.ring import PAD_KIND, RingConsumer, RingProducer, record_span
+from shm.ring import PAD_KIND, RingConsumer, RingProducer, record_span, ring_wrap
 
 CAP = 4096
 MAX_RECORD = CAP // 4
@@ -654,26 +654,30 @@ def _fill_then_drain(mem: SharedBuffer, geometry: RingGeometry, max_record: int,
     return sent, received
 
 
-def test_indices_wrap_past_2_64_with_a_power_of_two_capacity():
+@pytest.mark.parametrize("capacity_of", ["power of two", "real geometry"])
+def test_indices_wrap_at_the_ring_modulus_without_a_jump(capacity_of: str) -> None:
+    """Indices run modulo the largest multiple of the capacity below 2**64 (ring_wrap):
+    a capacity that does not divide 2**64 (every real geometry) keeps positions
+    continuous across the wrap."""
+    if capacity_of == "power of two":
+        mem, geometry, max_record = SharedBuffer(bytearray(HEADER_SIZE + CAP)), GEOMETRY, MAX_RECORD
+    else:
+        real = layout.expected_geometry(1 << 20)
+        assert (1 << 64) % real.guest_to_host.capacity != 0
+        mem, geometry, max_record = SharedBuffer(bytearray(1 << 20)), real.guest_to_host, real.max_record
+    wrap = ring_wrap(geometry.capacity)
+    assert wrap % geometry.capacity == 0 and (1 << 64) - geometry.capacity <= wrap < 1 << 64
+    sent, received = _fill_then_drain(mem, geometry, max_record, wrap - 64)
+    assert len(sent) == geometry.capacity // 16 and received == sent
+    assert mem.load_u64(geometry.producer_index_offset) < 64 + geometry.capacity  # it wrapped
+
+
+def test_a_peer_index_at_or_past_the_modulus_is_corrupt() -> None:
     mem = SharedBuffer(bytearray(HEADER_SIZE + CAP))
-    sent, received = _fill_then_drain(mem, GEOMETRY, MAX_RECORD, (1 << 64) - 64)
-    assert len(sent) == CAP // 16 and received == sent
-
-
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: position = index % capacity jumps when a u64 index wraps past 2**64 and the "
-    "capacity (every real geometry: an odd multiple of 4096) does not divide 2**64; the "
-    "producer then overwrites unconsumed records and the consumer returns wrong data",
-)
-def test_indices_wrap_past_2_64_with_a_real_geometry():
-    geometry = layout.expected_geometry(1 << 20)
-    assert (1 << 64) % geometry.guest_to_host.capacity != 0
-    mem = SharedBuffer(bytearray(1 << 20))
-    sent, received = _fill_then_drain(
-        mem, geometry.guest_to_host, geometry.max_record, (1 << 64) - 64
-    )
-    assert received == sent
+    consumer = RingConsumer(mem, GEOMETRY, MAX_RECORD)
+    mem.store_u64(GEOMETRY.producer_index_offset, ring_wrap(CAP))  # "0 ahead", but out of range
+    with pytest.raises(RingCorruptError):
+        consumer.poll()
 
 
 # Two processes over a real region -----------------------------------------------------

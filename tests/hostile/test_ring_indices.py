@@ -1,11 +1,13 @@
 """The broker's consumer against every kind of producer index, with its own index about to wrap.
 
 A broker's free-running head starts at 0 with each session, so a live guest
-cannot take it to the 2**64 wrap; here the consumer starts just below it, as
-a long-lived one would be, and a hostile producer writes indices relative to
-it: what is valid modulo 2**64 is accepted (records across the wrap come out
-exact), everything else is RingCorruptError, never an exception of another
-kind, never a read outside the ring.
+cannot take it to the wrap (indices run modulo shm.ring.ring_wrap, the largest
+multiple of the capacity below 2**64); here the consumer starts just below it,
+as a long-lived one would be, and a hostile producer writes indices relative
+to it: what is valid modulo the wrap is accepted (records across the wrap come
+out exact), everything else, an index at or past the wrap included, is
+RingCorruptError, never an exception of another kind, never a read outside the
+ring.
 """
 
 from __future__ import annotations
@@ -15,12 +17,12 @@ import pytest
 from shm.errors import RingCorruptError
 from shm.layout import RingGeometry
 from shm.memory import GuardedBuffer
-from shm.ring import RingConsumer, RingProducer
+from shm.ring import RingConsumer, RingProducer, ring_wrap
 
 CAP = 1 << 16
 GEOMETRY = RingGeometry(data_offset=4096, capacity=CAP, producer_index_offset=0, consumer_index_offset=128)
-U64 = (1 << 64) - 1
-START = (1 << 64) - 48  # the broker's head: three 16-byte records before the wrap
+WRAP = ring_wrap(CAP)
+START = WRAP - 48  # the broker's head: three 16-byte records before the wrap
 
 
 def ring() -> tuple[GuardedBuffer, RingProducer, RingConsumer]:
@@ -36,14 +38,14 @@ def test_records_across_the_wrap_come_out_exact() -> None:
     sent = [bytes([n]) * 8 for n in range(1, 9)]  # 16-byte records: the 4th crosses 2**64
     for payload in sent:
         assert producer.try_push(3, [payload])
-    assert producer.tail == (START + 16 * len(sent)) & U64 < START  # the tail wrapped
+    assert producer.tail == (START + 16 * len(sent)) % WRAP < START  # the tail wrapped
     got = []
     while (record := consumer.poll()) is not None:
         got.append(record.payload)
     assert got == sent and consumer.head == producer.tail
 
 
-# producer index written by the guest, relative to the consumer's head (mod 2**64)
+# producer index written by the guest, relative to the consumer's head (modulo the wrap)
 CASES = {
     "equal (empty)": (0, "ok"),
     "one record, across the wrap": (64, "ok"),
@@ -59,13 +61,21 @@ CASES = {
 }
 
 
+@pytest.mark.parametrize("index", [WRAP, WRAP + 16, (1 << 64) - 8])
+def test_an_index_at_or_past_the_wrap_is_corrupt(index: int) -> None:
+    mem, _, consumer = ring()
+    mem.store_u64(GEOMETRY.producer_index_offset, index)
+    with pytest.raises(RingCorruptError):
+        consumer.poll()
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_each_producer_index(case: str) -> None:
     mem, producer, consumer = ring()
     for n in range(8):  # honest records first, so that "ok" indices point at real ones
         producer.try_push(3, [bytes([n + 1]) * 8], publish=False)
     delta, expected = CASES[case]
-    mem.store_u64(GEOMETRY.producer_index_offset, (START + delta) & U64)
+    mem.store_u64(GEOMETRY.producer_index_offset, (START + delta) % WRAP)
     if expected == "ok":
         taken = 0
         try:
