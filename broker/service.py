@@ -21,8 +21,6 @@ import ctypes
 import logging
 import secrets
 import selectors
-import signal
-import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +36,7 @@ from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
 from control.sockets import InstanceLock
+from control.stop import StopSignal
 from filexfer.receiver import default_incoming, sweep_partials
 from protocol import clipformat
 from protocol.channel import (
@@ -130,8 +129,7 @@ class Broker:
         self._selector = selectors.DefaultSelector()
         self._lock = InstanceLock(Path(str(config.socket_path) + ".lock"))
         self._server: ControlServer | None = None
-        self._stopping = False
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = StopSignal(self._selector)
         self.audit = AuditLog(config.audit_path)
         self._clipboard_expires: float | None = None
         self._wipe_after_paste = False  # a denial asked for a wipe while a paste streamed
@@ -179,25 +177,13 @@ class Broker:
         except BaseException:
             self.close()
             raise
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
 
     def install_signal_handlers(self) -> None:
         """SIGINT and SIGTERM stop the loop cleanly."""
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop())
+        self._stop.install()
 
     def stop(self) -> None:
-        self._stopping = True
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._stop.stop()
 
     def close(self) -> None:
         """Fail pending gestures, wipe the global clipboard and every region, release all."""
@@ -223,7 +209,7 @@ class Broker:
         spins = backoff.spins
         next_beat = 0.0
         log.info("broker serving %s on %s", ", ".join(self.vms), self.config.socket_path)
-        while not self._stopping:
+        while not self._stop.stopping:
             now = time.monotonic()
             moved = self.poll_once(now)
             if now >= next_beat:

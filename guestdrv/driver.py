@@ -13,14 +13,13 @@ import logging
 import os
 import secrets
 import selectors
-import signal
-import socket
 import time
 from pathlib import Path
 from typing import Any
 
 from control.framing import Frame
 from control.server import Connection, ControlServer
+from control.stop import StopSignal
 from filexfer.receiver import default_incoming, sweep_partials
 from guestdrv.clipboard import ClipboardBackend, choose_item
 from guestdrv.device import pick_device
@@ -111,10 +110,9 @@ class GuestDriver:
         self._next_attach = 0.0
         self._next_session_look = 0.0
         self._next_beat = 0.0
-        self._stopping = False
         self._selector = selectors.DefaultSelector()
         self._server: ControlServer | None = None
-        self._wake_r, self._wake_w = socket.socketpair()
+        self._stop = StopSignal(self._selector)
         self.files = GuestFiles(incoming=incoming or default_incoming(), selector=self._selector,
                                 policy=LENIENT if allow_unsafe_names else STRICT)
 
@@ -124,25 +122,14 @@ class GuestDriver:
         self._server = ControlServer(
             self.socket_path, self._selector, self._on_request, max_body=self.limit
         )
-        self._wake_r.setblocking(False)
-        self._selector.register(self._wake_r, selectors.EVENT_READ, self._drain_wakeups)
         sweep_partials(self.files.incoming)
 
     def install_signal_handlers(self) -> None:
-        self._wake_w.setblocking(False)
-        signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop())
+        """SIGINT and SIGTERM stop the loop cleanly."""
+        self._stop.install()
 
     def stop(self) -> None:
-        self._stopping = True
-
-    def _drain_wakeups(self) -> None:
-        try:
-            while self._wake_r.recv(4096):
-                pass
-        except BlockingIOError:
-            pass
+        self._stop.stop()
 
     def close(self) -> None:
         self._detach("driver stopping")
@@ -154,7 +141,7 @@ class GuestDriver:
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.idle_wait_s)
         spins = backoff.spins
-        while not self._stopping:
+        while not self._stop.stopping:
             now = time.monotonic()
             if self.poll_once(now):
                 backoff.reset()
