@@ -28,7 +28,7 @@ from broker.notify import Notifier
 from broker.policy import ALLOW_ALL, load_policy
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
-from control.cli import call, parse_size, report, setup_logging
+from control.cli import LOG_LEVELS, call, parse_size, positive_size, report, setup_logging
 from control.errors import ControlError
 from control.progress import human_size
 from control.sockets import runtime_dir
@@ -132,9 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a VM to serve (repeat for each VM)")
     serve.add_argument("--size", type=_region_size, default=layout.DEFAULT_REGION_SIZE,
                        help="region size per VM, a power of two >= 1M (default 4M)")
-    serve.add_argument("--clipboard-limit", type=parse_size, default=DEFAULT_CLIPBOARD_LIMIT,
+    serve.add_argument("--clipboard-limit", type=positive_size, default=DEFAULT_CLIPBOARD_LIMIT,
                        help="largest clipboard accepted (default 16M)")
-    serve.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S,
+    serve.add_argument("--timeout", type=_seconds, default=DEFAULT_TIMEOUT_S,
                        help="seconds a VM may stay silent during a gesture (default 5)")
     serve.add_argument("--shm-group", type=_group,
                        help="group of the /dev/shm files (e.g. the group QEMU runs as); "
@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--allow-unsafe-names", action="store_true",
                        help="accept incoming names with control or bidirectional characters or "
                             "invalid UTF-8 (never a path escape)")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
     for name, text in (("copy", "copy gesture: take VM's clipboard into the global clipboard"),
                        ("paste", "paste gesture: hand the global clipboard to VM, then wipe it")):
@@ -182,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--window-map", type=Path, metavar="FILE",
                       help="TOML rules mapping window class and title to VMs (see broker.windows)")
     keys.add_argument("--no-notify", action="store_true", help="log outcomes instead of notifying")
-    keys.add_argument("--log-level", default="info")
+    keys.add_argument("--log-level", default="info", choices=LOG_LEVELS)
 
     approve = with_socket(sub.add_parser(
         "approve", help="file gesture: let VM's pending file offer go to a VM or the host"))
@@ -214,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="run the gated copy-paste with three guests")
     demo.add_argument("--qemu", action="store_true",
                       help="use three real QEMU guests instead of host processes")
-    demo.add_argument("--log-level", default="warning")
+    demo.add_argument("--log-level", default="warning", choices=LOG_LEVELS)
     return parser
 
 

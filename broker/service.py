@@ -29,7 +29,7 @@ from typing import Any
 from broker.audit import AuditLog
 from broker.clipboard import GlobalClipboard
 from broker.errors import ConfigError
-from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileTransfers
+from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileRequest, FileTransfers
 from broker.names import shm_name
 from broker.policy import ALLOW_ALL, Policy, Request, check_ceiling, check_names, decide, size_limit
 from broker.vm import Attachment, VmLink
@@ -134,10 +134,9 @@ class Broker:
         self._clipboard_expires: float | None = None
         self._wipe_after_paste = False  # a denial asked for a wipe while a paste streamed
         self._faults_seen: dict[str, int] = {}
-        # Hook: a policy decision for file transfers (broker/policy.py) goes in as decide=...;
-        # without one, the host user's gesture is the only authority (broker.files.allow_all).
         self.files = FileTransfers(self.vms, self._selector, incoming=config.incoming,
-                                   policy=LENIENT if config.allow_unsafe_names else STRICT)
+                                   policy=LENIENT if config.allow_unsafe_names else STRICT,
+                                   decide=self._decide_file)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -255,7 +254,7 @@ class Broker:
             return  # the paste streams from it; it expires when that paste ends, if it fails
         if not self.clipboard.empty:
             self.audit.record("expire", source=self.clipboard.source, target="clipboard",
-                              size=self.clipboard.size, outcome="wiped",
+                              size=self.clipboard.content_size, outcome="wiped",
                               reason=f"nobody pasted it within {self.config.clipboard_ttl_s:g} s")
             log.info("global clipboard expired unpasted after %g s; wiped", self.config.clipboard_ttl_s)
         self.clipboard.wipe()
@@ -273,7 +272,7 @@ class Broker:
 
     def _deny_paste(self, vm: VmLink) -> dict[str, Any] | None:
         """Ask the policy about a paste of the global clipboard to `vm`; act on a denial."""
-        source, size = self.clipboard.source, self.clipboard.size
+        source, size = self.clipboard.source, self.clipboard.content_size
         decision = decide(self.config.policy, Request("clipboard", source, vm.name, size))
         if decision.allow:
             return None
@@ -290,6 +289,15 @@ class Broker:
         self.audit.record("paste", source=source, target=vm.name, size=size, outcome="denied",
                           reason=message)
         return {"ok": False, "denied": True, "message": message}
+
+    def _decide_file(self, request: FileRequest) -> str | None:
+        """The policy file's word on a file transfer the user approved (or sent); audited."""
+        decision = decide(self.config.policy,
+                          Request("file", request.source, request.target, request.total_size))
+        outcome = "approved" if decision.allow else "denied"
+        self.audit.record("file", source=request.source, target=request.target,
+                          size=request.total_size, outcome=outcome, reason=decision.reason)
+        return None if decision.allow else f"denied by policy ({decision.reason})"
 
     # Gestures --------------------------------------------------------------
     def _on_request(self, conn: Connection, frame: Frame) -> None:
@@ -315,7 +323,7 @@ class Broker:
             conn.reply(denial)
             return
         source = vm_name if op == "copy" else self.clipboard.source
-        size = 0 if op == "copy" else self.clipboard.size
+        size = 0 if op == "copy" else self.clipboard.content_size
         gesture = _Gesture(op, conn, secrets.randbits(64) or 1, source=source, size=size,
                            limit=self.copy_limit(vm_name))
         refusal = self._refuse_gesture(op, vm)

@@ -25,6 +25,17 @@ def parse_size(text: str) -> int:
     return int(match.group(1)) * _UNITS[match.group(2).upper()]
 
 
+def positive_size(text: str) -> int:
+    """Like :func:`parse_size`, but zero is refused (a limit of nothing makes no sense)."""
+    size = parse_size(text)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be more than zero bytes")
+    return size
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
 def setup_logging(level: str) -> None:
     logging.basicConfig(
         level=getattr(logging, level.upper(), logging.INFO),

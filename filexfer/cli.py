@@ -22,6 +22,9 @@ def scan_sources(paths: list[str], *, move: bool) -> Scan | None:
 
     Returns None (after saying why) when nothing should be sent.
     """
+    if any(not p for p in paths):
+        print("error: an empty path names nothing to send", file=sys.stderr)
+        return None
     try:
         sources = sources_from_paths([os.fsencode(p) for p in paths])
     except SourceError as exc:

@@ -7,7 +7,7 @@ import sys
 import time
 from pathlib import Path
 
-from control.cli import call, parse_size, report, setup_logging
+from control.cli import LOG_LEVELS, call, positive_size, report, setup_logging
 from control.errors import ControlError
 from control.sockets import runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--socket", help="driver socket (default: $XDG_RUNTIME_DIR/ivclip/guest.sock)")
-        p.add_argument("--limit", type=parse_size, default=DEFAULT_LIMIT,
+        p.add_argument("--limit", type=positive_size, default=DEFAULT_LIMIT,
                        help="largest clipboard handled (default 16M)")
         return p
 
@@ -64,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--allow-unsafe-names", action="store_true",
                      help="accept names with control or bidirectional characters or invalid UTF-8 "
                           "(never a path escape)")
-    run.add_argument("--log-level", default="info")
+    run.add_argument("--log-level", default="info", choices=LOG_LEVELS)
     copy = common(sub.add_parser("copy", help="set the clipboard from standard input (Ctrl-C)"))
     copy.add_argument("--type", default=TEXT_MIME, help=f"MIME type of the content (default {TEXT_MIME})")
     paste = common(sub.add_parser("paste", help="write the clipboard to standard output (Ctrl-V)"))

@@ -354,7 +354,7 @@ def make_backend(kind: str, environ: dict[str, str] | None = None) -> ClipboardB
     """The backend for `kind` (auto: WAYLAND_DISPLAY -> wayland, DISPLAY -> x11, else headless).
 
     Raises:
-        ClipboardError: `kind` is unknown.
+        ClipboardError: `kind` is unknown, or its display variable is not set.
     """
     env = os.environ if environ is None else environ
     if kind == "auto":
@@ -363,7 +363,11 @@ def make_backend(kind: str, environ: dict[str, str] | None = None) -> ClipboardB
     if kind == "headless":
         return HeadlessClipboard()
     if kind == "x11":
+        if not env.get("DISPLAY"):
+            raise ClipboardError("--clipboard x11 needs an X display: DISPLAY is not set")
         return X11Clipboard()
     if kind == "wayland":
+        if not env.get("WAYLAND_DISPLAY"):
+            raise ClipboardError("--clipboard wayland needs a Wayland session: WAYLAND_DISPLAY is not set")
         return WaylandClipboard()
     raise ClipboardError(f"unknown clipboard {kind!r}: use auto, x11, wayland or headless")

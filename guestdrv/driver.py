@@ -19,6 +19,7 @@ from typing import Any
 
 from control.framing import Frame
 from control.server import Connection, ControlServer
+from control.sockets import InstanceLock
 from control.stop import StopSignal
 from filexfer.receiver import default_incoming, sweep_partials
 from guestdrv.clipboard import ClipboardBackend, choose_item
@@ -113,12 +114,18 @@ class GuestDriver:
         self._selector = selectors.DefaultSelector()
         self._server: ControlServer | None = None
         self._stop = StopSignal(self._selector)
+        self._lock = InstanceLock(Path(str(socket_path) + ".lock"))
         self.files = GuestFiles(incoming=incoming or default_incoming(), selector=self._selector,
                                 policy=LENIENT if allow_unsafe_names else STRICT)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
-        """Listen on the local socket.  Raises ControlError if it cannot."""
+        """Listen on the local socket.
+
+        Raises:
+            ControlError: another driver already serves this socket, or it cannot be bound.
+        """
+        self._lock.acquire(f"ivclip guest driver on {self.socket_path}")
         self._server = ControlServer(
             self.socket_path, self._selector, self._on_request, max_body=self.limit
         )
@@ -137,6 +144,7 @@ class GuestDriver:
         if self._server is not None:
             self._server.close()
             self._server = None
+        self._lock.release()
 
     def run(self) -> None:
         backoff = Backoff(max_sleep_s=self.idle_wait_s)
@@ -224,8 +232,14 @@ class GuestDriver:
             self.files.poll(now)
             moved += flush(att.producer, att.channel, att.channel.output_done, max_records=MAX_RECORDS)
         except (RingCorruptError, RemoteProtocolError) as exc:
-            log.warning("the broker's side of the region is inconsistent (%s); re-attaching", exc)
-            self._detach(str(exc))
+            magic = mem.load_u64(layout.MAGIC_OFF).to_bytes(8, "little")
+            if magic != layout.MAGIC or read_session_id(mem) != att.identity.session_id:
+                # The broker wiped or re-initialised the region under us: not an inconsistency.
+                self._detach("the broker re-initialised or left the region")
+                self._next_attach = now
+            else:
+                log.warning("the broker's side of the region is inconsistent (%s); re-attaching", exc)
+                self._detach(str(exc))
             return False
         return moved > 0
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -62,6 +63,10 @@ def test_sizes_parse(text: str, size: int) -> None:
     ["serve", "--vm", "../etc/passwd"],
     ["qemu-args", "a b"],
     ["frobnicate"],
+    ["serve", "--vm", "alice", "--timeout", "0"],
+    ["serve", "--vm", "alice", "--timeout", "-1"],
+    ["serve", "--vm", "alice", "--clipboard-limit", "0"],
+    ["serve", "--vm", "alice", "--log-level", "BOGUS"],
 ])
 def test_bad_arguments_get_a_usage_error_not_a_traceback(args: list[str]) -> None:
     result = run("-m", "broker", *args)
@@ -107,3 +112,39 @@ def test_a_guest_driver_on_a_missing_device_waits_with_a_reason(tmp_path: Path) 
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
+
+
+@pytest.mark.parametrize("args", [["run", "--limit", "0"], ["run", "--log-level", "loud"]])
+def test_bad_guest_arguments_get_a_usage_error(args: list[str]) -> None:
+    result = run("-m", "guestdrv", *args)
+    assert result.returncode == 2 and "error:" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_second_driver_on_the_same_socket_is_refused(tmp_path: Path) -> None:
+    sock = tmp_path / "g.sock"
+    first = subprocess.Popen([sys.executable, "-m", "guestdrv", "run", "--device", str(tmp_path / "none"),
+                              "--socket", str(sock)], stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        second = run("-m", "guestdrv", "run", "--device", str(tmp_path / "none"), "--socket", str(sock))
+        assert second.returncode == 1 and "already running" in second.stderr
+        assert sock.exists()  # the first driver's socket is left alone
+    finally:
+        first.terminate()
+        assert first.wait(10) == 0
+
+
+def test_x11_without_a_display_refuses_to_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+    result = subprocess.run([sys.executable, "-m", "guestdrv", "run", "--clipboard", "x11",
+                             "--socket", str(tmp_path / "g.sock")],
+                            capture_output=True, text=True, timeout=60, env=env)
+    assert result.returncode == 2 and "DISPLAY is not set" in result.stderr
+
+
+def test_sending_an_empty_path_is_refused(tmp_path: Path) -> None:
+    result = run("-m", "broker", "send", "bob", "", "--socket", str(tmp_path / "none.sock"))
+    assert result.returncode == 1 and "empty path" in result.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -219,3 +220,30 @@ def test_a_denial_that_wipes_never_corrupts_a_paste_in_flight(tmp_path: Path) ->
         assert lab.broker.clipboard.empty
     finally:
         lab.close()
+
+
+def test_the_policy_file_decides_file_transfers_too_and_they_are_audited(tmp_path: Path) -> None:
+    config = tmp_path / "policy.toml"
+    config.write_text('[[rule]]\nwhat = "file"\nsource = "host"\ntarget = "bob"\ndecision = "allow"\n'
+                      '[[rule]]\nwhat = "file"\nsource = "*"\ntarget = "*"\ndecision = "deny"\n'
+                      '[limits.file]\n"*" = "1K"\n')
+    source = tmp_path / "src"
+    source.mkdir()
+    (source / "small.txt").write_bytes(b"x" * 100)
+    (source / "big.txt").write_bytes(b"y" * 5000)
+    with HostLab(["alice", "bob"], tmp_path, size="1M", broker_args=["--config", str(config)]) as lab:
+        lab.start_broker()
+        for vm in ("alice", "bob"):
+            lab.start_guest(vm, "--incoming", str(tmp_path / f"in-{vm}"))
+        lab.wait_attached(["alice", "bob"])
+        allowed = lab.broker_cmd("send", "bob", str(source / "small.txt"))
+        assert allowed.returncode == 0, allowed.stderr
+        assert (tmp_path / "in-bob" / "host" / "small.txt").read_bytes() == b"x" * 100
+        too_big = lab.broker_cmd("send", "bob", str(source / "big.txt"))
+        assert too_big.returncode == 1 and "denied by policy" in too_big.stderr
+        denied = lab.broker_cmd("send", "alice", str(source / "small.txt"))
+        assert denied.returncode == 1 and "denied by policy" in denied.stderr
+        assert not (tmp_path / "in-alice").exists() or not any((tmp_path / "in-alice").rglob("*.txt"))
+        records = [json.loads(line) for line in lab.audit_path.read_text().splitlines()]
+        files = [(r["target"], r["outcome"]) for r in records if r["gesture"] == "file"]
+        assert files == [("bob", "approved"), ("bob", "denied"), ("alice", "denied")]
