@@ -221,7 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
     if len(set(args.vm)) != len(args.vm):
-        print("error: a VM is named twice", file=sys.stderr)
+        twice = sorted({vm for vm in args.vm if args.vm.count(vm) > 1})
+        print(f"error: a VM is named twice: {', '.join(twice)}", file=sys.stderr)
         return 2
     try:
         policy = ALLOW_ALL if args.config is None else load_policy(args.config)

@@ -174,7 +174,11 @@ class Broker:
             )
             sweep_partials(self.config.incoming)
         except BaseException:
+            # A refused start leaves nothing behind that it made itself.
+            made = [vm.region for vm in self.vms.values() if vm.region.created]
             self.close()
+            for region in made:
+                region.unlink()
             raise
 
     def install_signal_handlers(self) -> None:

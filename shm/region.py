@@ -64,6 +64,7 @@ class Region:
         self.path = path
         self.size = size
         self.owner = owner
+        self.created = False  # set by create() when this call made the object
         self._fd: int | None = fd
         self._map: mmap.mmap | None = None
         self.mem: SharedBuffer
@@ -130,7 +131,9 @@ class Region:
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, size, path, owner=True)
+        region = cls(fd, size, path, owner=True)
+        region.created = created
+        return region
 
     @classmethod
     def attach(cls, path: Path) -> Region:

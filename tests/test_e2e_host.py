@@ -230,6 +230,12 @@ def test_broker_refuses_a_second_instance_and_a_busy_region(lab: HostLab, tmp_pa
              "--shm-prefix", lab.prefix, "--socket", str(second.socket)],
             capture_output=True, text=True, timeout=30)
         assert proc.returncode == 1 and "locked by another live ivclip broker" in proc.stderr
+        proc = subprocess.run(  # a refused start leaves no region it made itself
+            [sys.executable, "-m", "broker", "serve", "--vm", "zed", "--vm", "alice", "--size", "1M",
+             "--shm-prefix", lab.prefix, "--socket", str(second.socket)],
+            capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 1 and not lab.region_path("zed").exists()
+        assert lab.region_path("alice").exists()
         proc = subprocess.run(
             [sys.executable, "-m", "broker", "serve", "--vm", "zed", "--socket", str(lab.socket)],
             capture_output=True, text=True, timeout=30)
