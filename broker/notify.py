@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import logging
+import os
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,10 @@ class Notifier:
         call = new_method_call(address, "Notify", "susssasa{sv}i", (
             APP_NAME, self._last_id, "edit-paste" if ok else "dialog-warning",
             summary, html.escape(body, quote=False), [], {"urgency": ("y", urgency)}, self.expire_ms))
+        if self.bus_address is None and not os.environ.get("DBUS_SESSION_BUS_ADDRESS"):
+            self._warn_once("no desktop notifications: DBUS_SESSION_BUS_ADDRESS is not set "
+                            "(not in a desktop session?)")
+            return False
         try:
             if self._conn is None:
                 self._conn = open_dbus_connection(bus=self.bus_address or "SESSION")

@@ -306,9 +306,14 @@ def load_policy(path: Path) -> Policy:
         ConfigError: it cannot be read, or :func:`parse_policy` refuses it.
     """
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"cannot read the policy file {path}: {exc}") from None
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the policy file {path}: {exc.strerror or exc}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        raise ConfigError(f"{path}: line {line}: the policy file is not valid UTF-8") from None
     return parse_policy(text, str(path))
 
 

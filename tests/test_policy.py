@@ -227,3 +227,12 @@ def test_load_policy_reads_a_file_and_reports_a_missing_one(tmp_path: Path) -> N
     assert len(load_policy(path).rules) == 7
     with pytest.raises(ConfigError, match="cannot read the policy file"):
         load_policy(tmp_path / "missing.toml")
+
+
+def test_a_policy_file_that_is_not_utf8_or_missing_gets_a_clear_error(tmp_path: Path) -> None:
+    bad = tmp_path / "policy.toml"
+    bad.write_bytes(b'default = "deny"\n# caf\xe9\n')
+    with pytest.raises(ConfigError, match=r"policy.toml: line 2: the policy file is not valid UTF-8"):
+        load_policy(bad)
+    with pytest.raises(ConfigError, match=r"cannot read the policy file .*missing.toml: No such file"):
+        load_policy(tmp_path / "missing.toml")
