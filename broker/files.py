@@ -43,7 +43,7 @@ from control.progress import HeldRequest, human_size
 from control.server import Connection
 from filexfer.errors import SourceError
 from filexfer.receiver import TreeReceiver, open_receiver
-from filexfer.sender import TreeSender, delete_sent, sources_from_paths
+from filexfer.sender import TreeSender, delete_sent, parse_send_request
 from protocol.channel import (
     Dropped,
     FailReason,
@@ -59,9 +59,7 @@ from protocol.messages import (
     CHUNK_HEADER_SIZE,
     FILE_ENTRY_HEADER_SIZE,
     FLAG_MOVE,
-    MAX_ENTRIES,
     MAX_PATH,
-    MAX_TRANSFER_SIZE,
     STREAM_KINDS,
     FileBegin,
     FileChunk,
@@ -279,21 +277,13 @@ class FileTransfers:
                  describe(offer.entries, offer.files, offer.total_size))
 
     def _send(self, conn: Connection, frame: Frame, target: VmLink, now: float) -> None:
-        header = frame.header
-        counts = [header.get(k) for k in ("entries", "files", "total_size")]
-        move = header.get("move") is True
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            conn.reply({"ok": False, "message": "bad request: send needs entries, files and total_size"})
-            return
-        entries, files, total = (int(c) for c in counts)  # type: ignore[arg-type]
-        if not (0 < entries <= MAX_ENTRIES and 0 <= files <= entries and 0 <= total <= MAX_TRANSFER_SIZE):
-            conn.reply({"ok": False, "message": "bad request: counts out of range"})
-            return
         try:
-            sources = sources_from_paths([p for p in frame.body.split(b"\0") if p])
+            request = parse_send_request(frame.header, frame.body)
         except SourceError as exc:
             conn.reply({"ok": False, "message": str(exc)})
             return
+        sources, move = request.sources, request.move
+        entries, files, total = request.entries, request.files, request.total_size
         refusal = self._endpoint_refusal(target, now) or self.decide(
             FileRequest(HOST, target.name, entries, files, total, move))
         if refusal:

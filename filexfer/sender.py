@@ -40,6 +40,8 @@ from protocol.errors import FileRefused
 from protocol.filestream import LENIENT, MAX_DEPTH, check_link, display, offer_names, split_path
 from protocol.messages import (
     FLAG_MOVE,
+    MAX_ENTRIES,
+    MAX_TRANSFER_SIZE,
     EntryType,
     FileChunk,
     FileCode,
@@ -520,3 +522,30 @@ def _dir_fd(chain: list[tuple[bytes, int]], parent_fd: int, path: bytes) -> int:
         fd = open_dir(part, fd)
         chain.append((built, fd))
     return fd
+
+
+@dataclass(frozen=True, slots=True)
+class SendRequest:
+    """A `send` request from a local command, checked: what to stream and the counts it announced."""
+
+    sources: list[Source]
+    entries: int
+    files: int
+    total_size: int
+    move: bool
+
+
+def parse_send_request(header: dict[str, object], body: bytes) -> SendRequest:
+    """Check the counts and paths of a `send` request (broker send, guestdrv send).
+
+    Raises:
+        SourceError: a count is missing, not an integer or out of range, or a path is unusable.
+    """
+    counts = [header.get(k) for k in ("entries", "files", "total_size")]
+    if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
+        raise SourceError("bad request: send needs entries, files and total_size")
+    entries, files, total = (int(c) for c in counts)  # type: ignore[call-overload]
+    if not (0 < entries <= MAX_ENTRIES and 0 <= files <= entries and 0 <= total <= MAX_TRANSFER_SIZE):
+        raise SourceError("bad request: counts out of range")
+    sources = sources_from_paths([p for p in body.split(b"\0") if p])
+    return SendRequest(sources, entries, files, total, header.get("move") is True)

@@ -27,7 +27,7 @@ from control.progress import HeldRequest, human_size
 from control.server import Connection
 from filexfer.errors import SourceError
 from filexfer.receiver import TreeReceiver, open_receiver
-from filexfer.sender import Scan, TreeSender, delete_sent, sources_from_paths
+from filexfer.sender import Scan, TreeSender, delete_sent, parse_send_request
 from protocol.channel import (
     FileIncoming,
     FileIncomingCancelled,
@@ -39,7 +39,7 @@ from protocol.channel import (
 )
 from protocol.errors import LocalProtocolError
 from protocol.filestream import NamePolicy, display
-from protocol.messages import MAX_ENTRIES, MAX_TRANSFER_SIZE, FileCode, FileResult
+from protocol.messages import FileCode, FileResult
 
 log = logging.getLogger(__name__)
 
@@ -89,22 +89,13 @@ class GuestFiles:
         if self._send is not None:
             conn.reply({"ok": False, "message": "another send is already under way in this VM"})
             return
-        header = frame.header
-        counts = [header.get(k) for k in ("entries", "files", "total_size")]
-        if not all(isinstance(c, int) and not isinstance(c, bool) for c in counts):
-            conn.reply({"ok": False, "message": "bad request: send needs entries, files and total_size"})
-            return
-        entries, files, total = (int(c) for c in counts)  # type: ignore[arg-type]
-        if not (0 < entries <= MAX_ENTRIES and 0 <= files <= entries and 0 <= total <= MAX_TRANSFER_SIZE):
-            conn.reply({"ok": False, "message": "bad request: counts out of range"})
-            return
         try:
-            sources = sources_from_paths([p for p in frame.body.split(b"\0") if p])
+            request = parse_send_request(frame.header, frame.body)
         except SourceError as exc:
             conn.reply({"ok": False, "message": str(exc)})
             return
-        scan = Scan(sources, move=header.get("move") is True, entries=entries, files=files,
-                    total_size=total)
+        scan = Scan(request.sources, move=request.move, entries=request.entries, files=request.files,
+                    total_size=request.total_size)
         offer = scan.offer(secrets.randbits(64) or 1)
         try:
             channel.announce(offer)
@@ -113,7 +104,7 @@ class GuestFiles:
             return
         held = HeldRequest(conn, self.selector, self._hung_up)
         self._send = _Send(held, scan, channel, chunk_size)
-        what = _describe(entries, files, total)
+        what = _describe(request.entries, request.files, request.total_size)
         log.info("offered %s; waiting for the host user", what)
         held.progress(time.monotonic(), phase="waiting",
                       message=f"offered {what}; waiting for the host user to approve")
