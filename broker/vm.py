@@ -122,9 +122,8 @@ class VmLink:
     def service(self, now: float) -> tuple[bool, list[HostEvent]]:
         """Look at the guest once: attach state, incoming records, outgoing records.
 
-        Returns (whether anything moved, dropped records not counted; events for
-        the broker).  Never raises
-        for anything the guest wrote.
+        Returns (whether anything moved, not counting records that were only
+        dropped; events for the broker).  Never raises for anything the guest wrote.
         """
         if self._is_faulty and (now < self._faulty_until or not self._recover(now)):
             return False, []
