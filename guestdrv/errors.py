@@ -14,3 +14,23 @@ class ClipboardTooLarge(ClipboardError):
         super().__init__(f"the clipboard holds at least {size} bytes, over the limit of {limit}")
         self.size = size
         self.limit = limit
+
+
+class ClipboardUnsupported(ClipboardError):
+    """The desktop lacks what the backend needs: a compositor without a data-control protocol."""
+
+
+class WaylandProtocolError(ClipboardError):
+    """The compositor sent bytes the Wayland protocol does not allow (remote: its fault)."""
+
+
+class CompositorError(ClipboardError):
+    """The compositor reported a fatal protocol error (in its eyes ours) and ends the connection."""
+
+    def __init__(self, object_id: int, interface: str, code: int, message: str) -> None:
+        super().__init__(f"the compositor reported error {code} on {interface} (object {object_id}): "
+                         f"{message}")
+        self.object_id = object_id
+        self.interface = interface
+        self.code = code
+        self.message = message

@@ -15,7 +15,10 @@ Every exception ivclip raises on purpose derives from :class:`IvclipError`::
     │   └── ClipFormatError        typed clipboard content is malformed (protocol.clipformat)
     ├── ControlError               (control.errors) local control sockets and their requests
     ├── ClipboardError             (guestdrv.errors) the guest's X11 or Wayland clipboard failed
-    │   └── ClipboardTooLarge      it holds more than the limit
+    │   ├── ClipboardTooLarge      it holds more than the limit
+    │   ├── ClipboardUnsupported   the desktop lacks it (a compositor without data-control)
+    │   ├── WaylandProtocolError   the compositor sent what the Wayland protocol forbids
+    │   └── CompositorError        the compositor reported a fatal error of ours
     └── ConfigError                (broker.errors) bad command line or policy
 
 "Remote" errors (LayoutError, RingCorruptError, RemoteProtocolError) mean the
