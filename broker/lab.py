@@ -11,9 +11,12 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pwd
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -210,6 +213,77 @@ class XServer:
                 self.proc.wait()
 
     def __enter__(self) -> XServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+_WAYLAND_SOCKET = re.compile(r"wayland-\d+")
+
+
+class WaylandCompositor:
+    """A private headless sway (wlroots: it has the data-control protocol wl-clipboard uses),
+    with no GPU, input device or Xwayland, in a runtime directory of its own.
+
+    sway refuses to run as root (it must be able to drop privileges for good), so under
+    root it runs as nobody; root's clients reach its socket all the same.
+
+    Raises (on start):
+        RuntimeError: sway is missing or did not come up.
+    """
+
+    def __init__(self, timeout: float = 20) -> None:
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="ivclip-wayland-"))  # mode 0700
+        (self.runtime_dir / "sway.conf").write_text("xwayland disable\n")
+        user: dict[str, Any] = {}
+        if os.geteuid() == 0:
+            try:
+                nobody = pwd.getpwnam("nobody")
+                uid, gid = nobody.pw_uid, nobody.pw_gid
+            except KeyError:
+                uid = gid = 65534
+            for path in (self.runtime_dir, self.runtime_dir / "sway.conf"):
+                os.chown(path, uid, gid)
+            user = {"user": uid, "group": gid, "extra_groups": []}
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        env.update(XDG_RUNTIME_DIR=str(self.runtime_dir), HOME=str(self.runtime_dir),
+                   WLR_BACKENDS="headless", WLR_LIBINPUT_NO_DEVICES="1", WLR_RENDERER="pixman")
+        log = self.runtime_dir / "sway.log"
+        try:
+            with log.open("wb") as out:
+                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                    ["sway", "-c", str(self.runtime_dir / "sway.conf")], stdin=subprocess.DEVNULL,
+                    stdout=out, stderr=out, env=env, **user)
+        except OSError as exc:
+            self.proc = None
+            self.close()
+            raise RuntimeError(f"cannot run sway: {exc.strerror or exc}") from exc
+        deadline = time.monotonic() + timeout
+        while not (sockets := [p for p in self.runtime_dir.iterdir() if _WAYLAND_SOCKET.fullmatch(p.name)]):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                tail = log.read_bytes()[-2000:].decode(errors="replace")
+                self.close()
+                raise RuntimeError(f"sway did not come up: {tail}")
+            time.sleep(0.02)
+        self.display = sockets[0].name
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client of this compositor (no X display, no other compositor)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
+        return {**env, "WAYLAND_DISPLAY": self.display, "XDG_RUNTIME_DIR": str(self.runtime_dir), **extra}
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> WaylandCompositor:
         return self
 
     def __exit__(self, *exc: object) -> None:

@@ -1,16 +1,22 @@
-"""Guest clipboard backends: headless (in the driver), X11 (xclip) and Wayland (wl-clipboard).
+"""Guest clipboard backends: headless (in the driver), X11 (xclip) and Wayland (wl-clipboard
+and our own data-control owner, guestdrv.wlowner).
 
 A backend reads the guest's clipboard as a list of typed items (the
-preferred first) and installs a paste.  The desktop backends drive the
-standard command-line tools rather than speaking X11 or Wayland themselves:
-xclip implements the incremental (INCR) transfers that large X11 selections
-need, in both directions, and wl-clipboard is the reference client for the
-Wayland data-control protocols.
+preferred first) and installs a paste.  The desktop backends read through
+the standard command-line tools rather than speaking X11 or Wayland
+themselves: xclip implements the incremental (INCR) transfers that large X11
+selections need, in both directions, and wl-paste is the reference client
+for the Wayland data-control protocols.
 
-Both tools serve exactly one type per process, so a paste installs one item:
-text if the content has text, else the PNG image, else the first item
-(:func:`choose_item`).  Installing every type at once needs a selection owner
-of our own (see the README's "not done yet").
+A Wayland paste installs every delivered type at once, so that Ctrl-V works
+in a text editor and in an image editor alike: a process of our own
+(guestdrv.wlowner, started through :meth:`_ServingTool.start_owner`) takes
+the selection through the data-control protocol and serves it, and
+:meth:`WaylandClipboard.write` returns once the selection is set.  On a
+compositor without that protocol (GNOME's Mutter) it falls back to wl-copy.
+xclip and wl-copy serve exactly one type per process, so there a paste
+installs one item: text if the content has text, else the PNG image, else
+the first item (:func:`choose_item`).
 
 Every call to a tool has a deadline, because the clipboard owner is a guest
 application, and the driver answers the broker from the same thread.
@@ -23,11 +29,14 @@ import logging
 import os
 import selectors
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
-from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from guestdrv.errors import ClipboardError, ClipboardTooLarge, ClipboardUnsupported
+from protocol import clipformat
 from protocol.clipformat import MAX_ITEMS, MIME_RE, PNG_MIME, TEXT_MIME, ClipItem
 
 log = logging.getLogger(__name__)
@@ -160,23 +169,33 @@ def _read_bounded(argv: list[str], limit: int, deadline: float) -> tuple[int, by
     return code, (None if over else bytes(out)), err.decode(errors="replace").strip()
 
 
+OWNER_READY = "ready"
+"""What a clipboard owner of our own (guestdrv.wlowner) writes on standard output, first on
+the line, once the clipboard is its; a failure is a line "error MESSAGE" and an exit."""
+OWNER_UNSUPPORTED = 3
+"""The exit status of an owner whose desktop lacks what it needs (no data-control protocol)."""
+
+
 class _ServingTool:
-    """The helper process (xclip or wl-copy in the foreground) that serves our last paste."""
+    """The helper process (xclip, wl-copy in the foreground, our owner) that serves our last paste."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, argv: list[str], data: bytes | bytearray | memoryview) -> None:
-        """Raises:
-        ClipboardError: the tool is missing or exited at once.
+    def _spawn(self, argv: list[str], data: bytes | bytearray | memoryview, *, stdout: int,
+               stderr: int | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start `argv` (stopping the previous helper) and give it `data` on its standard input.
+
+        Raises:
+            ClipboardError: it cannot be run.
         """
         self.stop()
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
+                                    start_new_session=True, env=env)
         except OSError as exc:
             raise ClipboardError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        assert proc.stdin is not None and proc.stderr is not None
+        assert proc.stdin is not None
         try:
             proc.stdin.write(data)
             proc.stdin.close()
@@ -184,12 +203,50 @@ class _ServingTool:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(TOOL_TIMEOUT_S)
         self._proc = proc
+        return proc
+
+    def start(self, argv: list[str], data: bytes | bytearray | memoryview) -> None:
+        """Raises:
+        ClipboardError: the tool is missing or exited at once.
+        """
+        proc = self._spawn(argv, data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        assert proc.stderr is not None
         code = proc.poll()
         if code is not None:
             message = proc.stderr.read().decode(errors="replace").strip()
             self.stop()
             raise ClipboardError(f"{argv[0]} exited with status {code}: {message or 'no message'}")
         os.set_blocking(proc.stderr.fileno(), False)
+
+    def start_owner(self, argv: list[str], data: bytes | bytearray | memoryview,
+                    env: dict[str, str] | None = None) -> str:
+        """Start a clipboard owner of our own; return once the clipboard is its, with what
+        followed OWNER_READY on its line (how it owns it).
+
+        Its standard error stays ours (its log lines join the driver's); its standard output
+        stays open while it serves, so that it sees the driver go away.
+
+        Raises:
+            ClipboardUnsupported: it exited with OWNER_UNSUPPORTED (the message is its own).
+            ClipboardError: it cannot be run, failed (its message), or did not take the
+                clipboard within TOOL_TIMEOUT_S.
+        """
+        deadline = time.monotonic() + TOOL_TIMEOUT_S
+        proc = self._spawn(argv, data, stdout=subprocess.PIPE, stderr=None, env=env)
+        assert proc.stdout is not None
+        line = _read_line(proc.stdout.fileno(), deadline)
+        word, _, rest = (line or b"").decode(errors="replace").strip().partition(" ")
+        if word == OWNER_READY:
+            return rest
+        if line is not None:  # it failed and is exiting: its status tells which failure
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+        self.stop()
+        if line is None:
+            raise ClipboardError(f"{argv[-1]} did not take the clipboard within {TOOL_TIMEOUT_S:g} s")
+        if word == "error" and rest:
+            raise (ClipboardUnsupported if proc.returncode == OWNER_UNSUPPORTED else ClipboardError)(rest)
+        raise ClipboardError(f"{argv[-1]} exited with status {proc.returncode} without saying why")
 
     @property
     def serving(self) -> bool:
@@ -208,9 +265,25 @@ class _ServingTool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         return was_serving
+
+
+def _read_line(fd: int, deadline: float, limit: int = 4096) -> bytes | None:
+    """One line (at most `limit` bytes) from `fd`, what came before its end, or None at `deadline`."""
+    line = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in line and len(line) < limit:
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                return None
+            chunk = os.read(fd, limit - len(line))
+            if not chunk:
+                break
+            line += chunk
+    return bytes(line.partition(b"\n")[0])
 
 
 def _other_mime_targets(targets: Sequence[str], taken: Sequence[str]) -> list[str]:
@@ -326,14 +399,39 @@ class X11Clipboard(_ToolClipboard):
 
 
 class WaylandClipboard(_ToolClipboard):
-    """The Wayland clipboard, through wl-clipboard's wl-paste and wl-copy."""
+    """The Wayland clipboard: read through wl-paste, pasted through our own owner
+    (guestdrv.wlowner: every type at once), or wl-copy (one type) on a compositor without a
+    data-control protocol."""
 
     name = "wayland"
 
-    def __init__(self, wl_paste: str = "wl-paste", wl_copy: str = "wl-copy") -> None:
+    def __init__(self, wl_paste: str = "wl-paste", wl_copy: str = "wl-copy",
+                 owner: Sequence[str] = (sys.executable, "-m", "guestdrv.wlowner")) -> None:
         super().__init__()
         self.wl_paste = wl_paste
         self.wl_copy = wl_copy
+        self.owner = list(owner)
+        self.data_control = True
+        """Whether the compositor may have a data-control protocol (until the owner finds none)."""
+
+    def write(self, items: Sequence[ClipItem]) -> None:
+        """Raises:
+        ClipboardError: the clipboard could not be set (it is set when this returns).
+        """
+        if self.data_control:
+            # The owner runs this very tree, whatever else sys.path may find first.
+            root = str(Path(__file__).resolve().parent.parent)
+            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            try:
+                how = self._server.start_owner(self.owner, clipformat.encode(items),
+                                               env={**os.environ, "PYTHONPATH": path})
+            except ClipboardUnsupported as exc:
+                log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)
+                self.data_control = False
+            else:
+                log.info("serving %s as the clipboard (%s)", ", ".join(i.mime for i in items), how)
+                return
+        super().write(items)
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded([self.wl_paste, "--list-types"], 1 << 16, deadline)

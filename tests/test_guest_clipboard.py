@@ -1,16 +1,21 @@
-"""Guest clipboard backends on their own: detection, the Wayland tools' command lines, limits."""
+"""Guest clipboard backends on their own: detection, the Wayland tools' command lines, limits,
+and the Wayland backend in a real (headless sway) session: every type of a paste at once."""
 
 from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from test_desktop_guests import png
+from test_wlowner import NO_DATA_CONTROL, FakeCompositor
 
-from broker.lab import XServer
+from broker.lab import WaylandCompositor, XServer
 from guestdrv.clipboard import (
     HeadlessClipboard,
     WaylandClipboard,
@@ -81,25 +86,32 @@ def _script(path: Path, text: str) -> str:
     return str(path)
 
 
-def test_wayland_backend_drives_wl_paste_and_wl_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_without_data_control_the_wayland_backend_falls_back_to_wl_copy(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Against stand-in wl-paste and wl-copy, and a compositor that has no data-control protocol
+    (as GNOME's Mutter): the owner says so, and the paste goes through wl-copy, one type."""
     store = tmp_path / "clip"
     store.mkdir()
     monkeypatch.setenv("FAKE_CLIP", str(store))
+    mutter = FakeCompositor(tmp_path / "wayland-0", NO_DATA_CONTROL)
+    monkeypatch.setenv("WAYLAND_DISPLAY", str(mutter.path))
     clip = WaylandClipboard(_script(tmp_path / "wl-paste", FAKE_WL_PASTE),
                             _script(tmp_path / "wl-copy", FAKE_WL_COPY))
-    assert clip.read(1000) == []
-    (store / "text_plain;charset=utf-8").write_bytes(b"hi \xe2\x80\x94")
-    (store / "image_png").write_bytes(b"\x89PNG...")
-    (store / "image_bmp").write_bytes(b"BM" * 100)  # a conversion of the PNG: not offered
-    items = clip.read(1000)
-    assert [(i.mime, bytes(i.data)) for i in items] == [(TEXT_MIME, b"hi \xe2\x80\x94"),
-                                                       (PNG_MIME, b"\x89PNG...")]
-    with pytest.raises(ClipboardTooLarge):
-        clip.read(3)
-    for name in os.listdir(store):
-        (store / name).unlink()
-    clip.write([ClipItem(PNG_MIME, b"png"), ClipItem(TEXT_MIME, b"text")])
     try:
+        assert clip.read(1000) == []
+        (store / "text_plain;charset=utf-8").write_bytes(b"hi \xe2\x80\x94")
+        (store / "image_png").write_bytes(b"\x89PNG...")
+        (store / "image_bmp").write_bytes(b"BM" * 100)  # a conversion of the PNG: not offered
+        items = clip.read(1000)
+        assert [(i.mime, bytes(i.data)) for i in items] == [(TEXT_MIME, b"hi \xe2\x80\x94"),
+                                                           (PNG_MIME, b"\x89PNG...")]
+        with pytest.raises(ClipboardTooLarge):
+            clip.read(3)
+        for name in os.listdir(store):
+            (store / name).unlink()
+        clip.write([ClipItem(PNG_MIME, b"png"), ClipItem(TEXT_MIME, b"text")])
+        assert not clip.data_control
+        assert "no data-control protocol" in caplog.text and "through wl-copy" in caplog.text
         # The helper writes the file and stays to serve it; the test waits for the file.
         for _ in range(200):
             if (store / "text_plain;charset=utf-8").exists() and clip.read(100):
@@ -110,14 +122,101 @@ def test_wayland_backend_drives_wl_paste_and_wl_copy(tmp_path: Path, monkeypatch
         assert not clip.withdraw()
     finally:
         clip.close()
+        mutter.close()
 
 
-def test_missing_tools_are_a_clear_error(tmp_path: Path) -> None:
+def test_missing_tools_are_a_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     clip = WaylandClipboard(str(tmp_path / "no-wl-paste"), str(tmp_path / "no-wl-copy"))
     with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-paste"):
         clip.read(10)
-    with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-copy"):
+    mutter = FakeCompositor(tmp_path / "wayland-0", NO_DATA_CONTROL)
+    monkeypatch.setenv("WAYLAND_DISPLAY", str(mutter.path))
+    try:
+        with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-copy"):
+            clip.write([ClipItem(TEXT_MIME, b"x")])
+    finally:
+        mutter.close()
+
+
+def test_a_wayland_paste_fails_clearly_without_a_compositor(tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("WAYLAND_DISPLAY", str(tmp_path / "wayland-gone"))
+    clip = WaylandClipboard()
+    with pytest.raises(ClipboardError, match=r"cannot connect to the compositor at .*wayland-gone"):
         clip.write([ClipItem(TEXT_MIME, b"x")])
+    assert clip.data_control  # not a compositor without data-control: no fallback
+
+
+# A real compositor (headless sway) ---------------------------------------------------------
+@pytest.fixture
+def wayland(compositor: WaylandCompositor, monkeypatch: pytest.MonkeyPatch) -> Iterator[WaylandClipboard]:
+    """The backend in `compositor`'s session, its clipboard empty at the start."""
+    for name, value in compositor.env().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("DISPLAY", raising=False)
+    clip = WaylandClipboard()
+    yield clip
+    clip.close()
+    subprocess.run(["wl-copy", "--clear"], env=compositor.env(), check=True, timeout=10)
+
+
+def wl_paste(compositor: WaylandCompositor, *args: str) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["wl-paste", *args], capture_output=True, env=compositor.env(), timeout=30)
+
+
+def test_a_paste_installs_text_and_image_together(wayland: WaylandClipboard,
+                                                  compositor: WaylandCompositor) -> None:
+    text = "Ctrl-V \u2014 text \u2588 and image \U0001f98a\r\n".encode()
+    image = png(64, 48, noise=True)
+    wayland.write([ClipItem(TEXT_MIME, text), ClipItem(PNG_MIME, image)])
+    # No waiting: write returns once the selection is set.
+    types = wl_paste(compositor, "--list-types").stdout.decode().split("\n")
+    assert types == ["text/plain;charset=utf-8", "text/plain", "UTF8_STRING", "TEXT", "STRING",
+                     "image/png", ""]
+    assert wl_paste(compositor, "-n", "--type", "text/plain").stdout == text
+    assert wl_paste(compositor, "-n", "--type", "UTF8_STRING").stdout == text
+    assert wl_paste(compositor, "-n", "--type", "image/png").stdout == image
+    # What the driver's next copy in this VM reads back: both items, as they were.
+    assert [(i.mime, bytes(i.data)) for i in wayland.read(1 << 20)] == [(TEXT_MIME, text), (PNG_MIME, image)]
+
+
+def test_10_mib_of_text_through_the_owner(wayland: WaylandClipboard, compositor: WaylandCompositor) -> None:
+    line = "0123456789 abcdefghijklmnopqrstuvwxyz \u2014 ivclip\n".encode()
+    data = (line * ((10 << 20) // len(line) + 1))[: 10 << 20]
+    wayland.write([ClipItem(TEXT_MIME, data)])
+    got = wl_paste(compositor, "-n", "--type", "text/plain;charset=utf-8").stdout
+    assert len(got) == len(data) and got == data
+
+
+def test_another_client_taking_the_clipboard_ends_the_owner(wayland: WaylandClipboard,
+                                                            compositor: WaylandCompositor) -> None:
+    wayland.write([ClipItem(TEXT_MIME, b"ours")])
+    assert wayland._server.serving
+    subprocess.run(["wl-copy", "the user's own copy"], env=compositor.env(), check=True, timeout=10)
+    deadline = time.monotonic() + 10
+    while wayland._server.serving and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not wayland.withdraw()  # it no longer held our paste
+    assert wl_paste(compositor, "-n").stdout == b"the user's own copy"
+
+
+def test_withdraw_while_owning_clears_the_clipboard(wayland: WaylandClipboard,
+                                                    compositor: WaylandCompositor) -> None:
+    wayland.write([ClipItem(TEXT_MIME, b"to be wiped"), ClipItem(PNG_MIME, png(8, 8, noise=False))])
+    assert wl_paste(compositor, "-n").stdout == b"to be wiped"
+    assert wayland.withdraw()
+    assert wl_paste(compositor, "--list-types").stderr == b"No selection\n"
+    assert wayland.read(100) == []
+    assert not wayland.withdraw()
+
+
+def test_a_new_paste_replaces_the_previous_owner(wayland: WaylandClipboard,
+                                                 compositor: WaylandCompositor) -> None:
+    wayland.write([ClipItem(TEXT_MIME, b"first")])
+    first = wayland._server._proc
+    wayland.write([ClipItem(PNG_MIME, png(4, 4, noise=False))])
+    assert first is not None and first.poll() is not None
+    assert wl_paste(compositor, "--list-types").stdout == b"image/png\n"
 
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("xclip") is None,
