@@ -174,8 +174,7 @@ class Owner:
                 case Ready(interface):
                     self.ready = True
                     os.write(self.report_fd, f"{OWNER_READY} {interface}\n".encode())
-                    log.info("took the clipboard through %s with %d types: %s", interface,
-                             len(self.data), ", ".join(self.data))
+                    log.info("took the clipboard through %s, offering %s", interface, ", ".join(self.data))
                 case SendRequested(mime, fd):
                     self._start(mime, fd)
                 case Cancelled():
