@@ -18,8 +18,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from shm.region import SHM_DIR
 
@@ -49,6 +50,17 @@ def trace_of(content: bytes, haystack: bytes, window: int = 16) -> str | None:
             if found is not None:
                 return f"{window} bytes of it (content offset {found}) at region offset {at}"
     return None
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
+    """SIGTERM, then SIGKILL if `proc` has not exited within `timeout`; reaped either way."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 class HostLab:
@@ -111,12 +123,7 @@ class HostLab:
             with contextlib.suppress(Exception):
                 self.stop_guest(vm)
         if self.broker is not None:
-            self.broker.terminate()
-            try:
-                self.broker.wait(10)
-            except subprocess.TimeoutExpired:
-                self.broker.kill()
-                self.broker.wait()
+            stop_process(self.broker)
             self.broker = None
         for vm in self.vms:  # only if the broker died without cleaning up
             with contextlib.suppress(FileNotFoundError):
@@ -204,13 +211,7 @@ class XServer:
         return {**env, "DISPLAY": self.display, **extra}
 
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
     def __enter__(self) -> XServer:
         return self
@@ -274,13 +275,8 @@ class WaylandCompositor:
         return {**env, "WAYLAND_DISPLAY": self.display, "XDG_RUNTIME_DIR": str(self.runtime_dir), **extra}
 
     def close(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        if self.proc is not None:
+            stop_process(self.proc)
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     def __enter__(self) -> WaylandCompositor:
@@ -288,6 +284,37 @@ class WaylandCompositor:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class DesktopSession(Protocol):
+    """An X server or a compositor: what a guest's driver needs of its desktop."""
+
+    def env(self) -> dict[str, str]: ...
+
+    def close(self) -> None: ...
+
+
+S = TypeVar("S", bound=DesktopSession)
+
+
+@contextlib.contextmanager
+def guests_in_sessions(guests: dict[str, list[str]], workdir: Path,
+                       session: Callable[[], S]) -> Iterator[tuple[HostLab, dict[str, S]]]:
+    """A broker and host-process guests (VM name -> driver options), each driver in a desktop
+    session of its own made by `session()`, all attached; everything stopped afterwards."""
+    sessions: dict[str, S] = {}
+    try:
+        for vm in guests:
+            sessions[vm] = session()
+        with HostLab(list(guests), workdir, size="4M") as lab:
+            lab.start_broker()
+            for vm, args in guests.items():
+                lab.start_guest(vm, *args, env=sessions[vm].env())
+            lab.wait_attached(list(guests))
+            yield lab, sessions
+    finally:
+        for running in sessions.values():
+            running.close()
 
 
 class SessionBus:

@@ -164,7 +164,7 @@ def test_a_stuck_reader_holds_up_no_one_and_is_given_up(compositor: WaylandCompo
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """In process, to shorten the stall limit: a reader that never reads 4 MiB of text does not
     delay an image request, and is abandoned after the limit, not before."""
-    monkeypatch.setattr(wlowner, "TRANSFER_STALL_S", 1.0)
+    monkeypatch.setattr(wlowner, "TRANSFER_STALL_S", 2.0)
     text = os.urandom(2 << 20).hex().encode()
     read_fd, write_fd = os.pipe()
     path = wlowner.socket_path(compositor.env())
@@ -181,12 +181,12 @@ def test_a_stuck_reader_holds_up_no_one_and_is_given_up(compositor: WaylandCompo
         time.sleep(0.3)  # its request is in
         started = time.monotonic()
         assert wl_paste(compositor, "-n", "--type", "image/png").stdout == PNG
-        assert time.monotonic() - started < 0.9, "the image waited for the stuck reader"
+        assert time.monotonic() - started < 1.5, "the image waited for the stuck reader"
         assert "gave up" not in caplog.text
         deadline = time.monotonic() + 10
         while "gave up sending text/plain" not in caplog.text and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert "gave up sending text/plain: the reader took nothing for 1 s" in caplog.text
+        assert "gave up sending text/plain: the reader took nothing for 2 s" in caplog.text
         subprocess.run(["wl-copy", "someone else"], env=compositor.env(), check=True, timeout=10)
         thread.join(10)
         assert not thread.is_alive(), "the owner did not end when cancelled"
