@@ -422,8 +422,12 @@ class WaylandClipboard(_ToolClipboard):
             # The owner runs this very tree, whatever else sys.path may find first.
             root = str(Path(__file__).resolve().parent.parent)
             path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
+            # Its log lines join ours, at our level.
+            level = max((n for n in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
+                         if n <= log.getEffectiveLevel()), default=logging.DEBUG)
+            argv = [*self.owner, "--log-level", logging.getLevelName(level).lower()]
             try:
-                how = self._server.start_owner(self.owner, clipformat.encode(items),
+                how = self._server.start_owner(argv, clipformat.encode(items),
                                                env={**os.environ, "PYTHONPATH": path})
             except ClipboardUnsupported as exc:
                 log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)

@@ -172,9 +172,9 @@ class Owner:
         while (event := self.protocol.next_event()) is not None:
             match event:
                 case Ready(interface):
-                    self.ready = True
-                    os.write(self.report_fd, f"{OWNER_READY} {interface}\n".encode())
                     log.info("took the clipboard through %s, offering %s", interface, ", ".join(self.data))
+                    os.write(self.report_fd, f"{OWNER_READY} {interface}\n".encode())
+                    self.ready = True
                 case SendRequested(mime, fd):
                     self._start(mime, fd)
                 case Cancelled():

@@ -3,6 +3,7 @@ and the Wayland backend in a real (headless sway) session: every type of a paste
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -243,3 +244,12 @@ def test_x11_without_a_display_is_a_clear_error(tmp_path: Path) -> None:
     clip = X11Clipboard(display=":9999")
     with pytest.raises(ClipboardError, match="display"):
         clip.read(10)
+
+
+@pytest.mark.parametrize(("level", "logged"), [(logging.INFO, True), (logging.WARNING, False)])
+def test_the_owner_logs_at_the_drivers_level(wayland: WaylandClipboard, caplog: pytest.LogCaptureFixture,
+                                             capfd: pytest.CaptureFixture[str], level: int,
+                                             logged: bool) -> None:
+    caplog.set_level(level, "guestdrv")
+    wayland.write([ClipItem(TEXT_MIME, b"quiet or not")])
+    assert ("guestdrv.wlowner INFO: took the clipboard" in capfd.readouterr().err) is logged
