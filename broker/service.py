@@ -31,7 +31,16 @@ from broker.clipboard import GlobalClipboard
 from broker.errors import ConfigError
 from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileRequest, FileTransfers
 from broker.names import shm_name
-from broker.policy import ALLOW_ALL, Policy, Request, check_ceiling, check_names, decide, size_limit
+from broker.policy import (
+    ALLOW_ALL,
+    Policy,
+    Request,
+    check_ceiling,
+    check_names,
+    decide,
+    size_limit,
+    text_refusal,
+)
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
@@ -279,7 +288,14 @@ class Broker:
         source, size = self.clipboard.source, self.clipboard.content_size
         decision = decide(self.config.policy, Request("clipboard", source, vm.name, size))
         if decision.allow:
-            return None
+            assert self.clipboard.data is not None
+            # The items are interpreted here only for a VM the policy file gives a text policy.
+            refusal = text_refusal(self.config.policy, vm.name, clipformat.parse(self.clipboard.data))
+            if refusal is None:
+                return None
+            reason, verb = refusal, "REFUSED"
+        else:
+            reason, verb = decision.reason, "DENIED"
         if self.config.policy.keep_on_deny:
             after = "global clipboard kept"
         elif self._paste_in_flight():
@@ -288,7 +304,7 @@ class Broker:
         else:
             self.clipboard.wipe()
             after = "global clipboard wiped"
-        message = f"paste to {vm.name} DENIED, nothing pasted: {decision.reason}; {after}"
+        message = f"paste to {vm.name} {verb}, nothing pasted: {reason}; {after}"
         log.info("gesture paste %s: %s", vm.name, message)
         self.audit.record("paste", source=source, target=vm.name, size=size, outcome="denied",
                           reason=message)
@@ -347,8 +363,8 @@ class Broker:
         self._gestures[vm_name] = gesture
 
     def _refuse_gesture(self, op: str, vm: VmLink) -> str | None:
-        # The policy was asked before this (see _on_request); the per-VM text policy is
-        # enforced by the receiving driver (guestdrv --text-policy).
+        # The policy, the policy file's text policy included, was asked before this
+        # (see _on_request); the receiving driver applies its own --text-policy too.
         now = time.monotonic()
         if op == "paste" and self.clipboard.empty:
             return "nothing to paste: the global clipboard is empty"
