@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import grp
+import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from broker import sway
 from broker.attach import libvirt_xml, qemu_args
 from broker.errors import ConfigError
 from broker.hotkeys import (
@@ -164,7 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_socket(sub.add_parser(name, help=text))
         p.add_argument("vm", type=_vm_name, nargs="?", help="the VM (or --focused)")
         p.add_argument("--focused", action="store_true",
-                       help="the VM whose viewer window has the focus (X11 only)")
+                       help="the VM whose viewer window has the focus (X11, or sway on Wayland)")
         p.add_argument("--window-map", type=Path, metavar="FILE",
                        help="TOML rules mapping window class and title to VMs (see broker.windows)")
         p.add_argument("--notify", action="store_true",
@@ -299,13 +302,24 @@ def _print_files(files: dict[str, Any]) -> None:
               f"{human_size(t['bytes'])}/{human_size(t['bytes_total'])}, {t['age_s']:.0f} s")
 
 
+def focused_session_vm(rules: list[WindowRule], environ: Mapping[str, str] = os.environ) -> str:
+    """The VM of the focused window: through sway's IPC in a sway session, else through X11.
+
+    Raises:
+        ConfigError: no way to know the focused window here, or it belongs to no VM.
+    """
+    if environ.get("WAYLAND_DISPLAY") and environ.get("SWAYSOCK"):
+        return sway.focused_vm(environ["SWAYSOCK"], rules)
+    return focused_vm(check_x11_session(environ), rules)
+
+
 def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:
     """Send one copy or paste gesture; print (and optionally notify) the outcome.
 
     Raises:
         ConfigError: --focused and the focused window belongs to no VM, or no X11 session.
     """
-    vm = focused_vm(check_x11_session(), _rules(args.window_map)) if args.focused else args.vm
+    vm = focused_session_vm(_rules(args.window_map)) if args.focused else args.vm
     started = time.monotonic()
     reply, _ = call(socket_path, {"op": args.command, "vm": vm},
                     timeout_s=GESTURE_MARGIN_S, service="broker")

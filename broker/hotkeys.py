@@ -16,8 +16,8 @@ only be later than the real change: the guard errs towards refusing.
 
 Wayland sessions are refused: X grabs see no keys typed into Wayland windows,
 and the X input focus says nothing about them.  Bind the compositor's own
-shortcuts to ``python -m broker copy --focused`` there only if the viewers
-run under XWayland, or to ``copy VM`` (see the README).
+shortcuts to ``python -m broker copy --focused`` under sway (broker.sway asks
+sway which window has the focus), elsewhere to ``copy VM`` (see the README).
 """
 
 from __future__ import annotations
@@ -78,7 +78,8 @@ def check_x11_session(environ: Mapping[str, str] = os.environ) -> str:
         raise ConfigError(
             "this is a Wayland session: the focused window cannot be determined through X11; "
             "bind the compositor's shortcuts to 'python -m broker copy VM' and "
-            "'python -m broker paste VM' instead (see the README)")
+            "'python -m broker paste VM' instead, or under sway to 'copy --focused' and "
+            "'paste --focused' (see the README)")
     display = environ.get("DISPLAY")
     if not display:
         raise ConfigError("no X display: $DISPLAY is not set")
