@@ -106,11 +106,19 @@ def _rules(path: Path | None) -> list[WindowRule]:
 
 def _hotkeys(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    daemon = HotkeyDaemon(
-        display_name=check_x11_session(), rules=_rules(args.window_map),
-        send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
-        copy=parse_combo(args.copy), paste=parse_combo(args.paste),
-        focus_guard_s=args.focus_guard_ms / 1000)
+    daemon: HotkeyDaemon | sway.SwayHotkeys
+    if os.environ.get("WAYLAND_DISPLAY") and os.environ.get("SWAYSOCK"):
+        # sway's own configuration binds the keys (see broker.sway); --copy/--paste are X11's.
+        daemon = sway.SwayHotkeys(
+            socket_path=os.environ["SWAYSOCK"], rules=_rules(args.window_map),
+            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            focus_guard_s=args.focus_guard_ms / 1000)
+    else:
+        daemon = HotkeyDaemon(
+            display_name=check_x11_session(), rules=_rules(args.window_map),
+            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            copy=parse_combo(args.copy), paste=parse_combo(args.paste),
+            focus_guard_s=args.focus_guard_ms / 1000)
     daemon.install_signal_handlers()
     try:
         daemon.run()
@@ -174,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also show the outcome as a desktop notification (for shortcut bindings)")
 
     keys = with_socket(sub.add_parser(
-        "hotkeys", help="grab the gesture key combinations on the host X server"))
+        "hotkeys", help="gestures from key combinations: grabbed on the host X server, or bound in "
+                   "sway's config (see broker.sway)"))
     keys.add_argument("--copy", default=DEFAULT_COPY, metavar="COMBO",
                       help=f"copy gesture combination (default {DEFAULT_COPY}; 'none' disables it)")
     keys.add_argument("--paste", default=DEFAULT_PASTE, metavar="COMBO",
