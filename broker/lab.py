@@ -12,11 +12,13 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from shm.region import SHM_DIR
 
@@ -169,7 +171,28 @@ class HostLab:
             time.sleep(interval)
 
 
-class XServer:
+class _ServerProcess:
+    """A helper server process the lab starts: ended on close, a context manager."""
+
+    proc: subprocess.Popen[bytes]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class XServer(_ServerProcess):
     """A private Xvfb display (each host-process guest gets its own, as a VM would).
 
     Raises (on start):
@@ -200,20 +223,72 @@ class XServer:
         env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
         return {**env, "DISPLAY": self.display, **extra}
 
+
+
+class SwaySession(_ServerProcess):
+    """A private headless sway (a Wayland host desktop) with its IPC socket.
+
+    sway refuses to run as root, so as root it runs as `nobody`, in a runtime
+    folder of its own under /tmp (a test's folder is root's alone); clients
+    started by root can still reach its sockets.
+
+    Raises (on start):
+        RuntimeError: sway is missing or did not come up.
+    """
+
+    def __init__(self, workdir: Path, config: str = "") -> None:
+        self.runtime = Path(tempfile.mkdtemp(prefix="ivclip-sway-"))
+        (self.runtime / "config").write_text(config)
+        (self.runtime / "config").chmod(0o644)
+        as_nobody: list[str] = []
+        if os.geteuid() == 0:
+            os.chown(self.runtime, 65534, 65534)
+            as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.runtime),
+               "XDG_RUNTIME_DIR": str(self.runtime), "WLR_BACKENDS": "headless",
+               "WLR_LIBINPUT_NO_DEVICES": "1", "WLR_RENDERER": "pixman"}
+        self._log = (workdir / "sway.log").open("ab")
+        try:
+            self.proc = subprocess.Popen([*as_nobody, "sway", "-c", str(self.runtime / "config")],
+                                         env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
+        except OSError as exc:
+            self._log.close()
+            raise RuntimeError(f"cannot run sway: {exc.strerror or exc}") from exc
+        deadline = time.monotonic() + 20
+        while not (self._socket("wayland-*[0-9]") and self._socket("sway-ipc.*.sock")):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                raise RuntimeError(f"sway did not come up (see {workdir / 'sway.log'})")
+            time.sleep(0.05)
+        self.wayland_display = self._socket("wayland-*[0-9]")
+        self.ipc_socket = str(self.runtime / self._socket("sway-ipc.*.sock"))
+
+    def _socket(self, pattern: str) -> str:
+        found = sorted(path.name for path in self.runtime.glob(pattern) if path.is_socket())
+        return found[0] if found else ""
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The environment of a client of this session (no X display)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SWAYSOCK")}
+        return {**env, "WAYLAND_DISPLAY": self.wayland_display, "XDG_RUNTIME_DIR": str(self.runtime),
+                "SWAYSOCK": self.ipc_socket, **extra}
+
+    def command(self, command: str) -> None:
+        """Run a sway command (swaymsg), e.g. '[app_id="foot"] focus'.
+
+        Raises:
+            RuntimeError: sway refused it.
+        """
+        result = subprocess.run(["swaymsg", "-s", self.ipc_socket, command], capture_output=True,
+                                text=True, timeout=20)
+        if result.returncode != 0:
+            raise RuntimeError(f"swaymsg {command!r}: {result.stdout.strip()} {result.stderr.strip()}")
+
     def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-    def __enter__(self) -> XServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
+        self._log.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 class SessionBus:
