@@ -33,7 +33,7 @@ from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, B
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import LOG_LEVELS, call, parse_size, positive_size, report, setup_logging
 from control.errors import ControlError
-from control.progress import human_size
+from control.progress import files_phrase, human_size
 from control.sockets import runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
 from filexfer.receiver import default_incoming
@@ -43,8 +43,12 @@ from shm.errors import RegionError
 GESTURE_MARGIN_S = 130.0
 
 
+SOCKET_ENV = "IVCLIP_BROKER_SOCKET"
+
+
 def default_socket() -> Path:
-    return runtime_dir() / "broker.sock"
+    """$IVCLIP_BROKER_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/broker.sock."""
+    return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "broker.sock")
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -135,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--socket", help="control socket (default: $XDG_RUNTIME_DIR/ivclip/broker.sock)")
+        p.add_argument("--socket", help="control socket (default: $IVCLIP_BROKER_SOCKET, else "
+                                        "$XDG_RUNTIME_DIR/ivclip/broker.sock)")
         return p
 
     serve = with_socket(sub.add_parser("serve", help="run the broker for some VMs"))
@@ -300,9 +305,9 @@ def _print_files(files: dict[str, Any]) -> None:
         more = offer["roots"] - len(offer["names"])
         if more:
             names += f" and {more} more"
-        others = offer["entries"] - offer["files"]
-        print(f"file offer #{offer['offer']} from {offer['vm']}: {offer['files']} files"
-              f"{f' and {others} other entries' if others else ''}, {human_size(offer['total_size'])}"
+        counts = files_phrase(offer["files"], offer["entries"])
+        size = human_size(offer["total_size"])
+        print(f"file offer #{offer['offer']} from {offer['vm']}: {counts}, {size}"
               f"{', --move' if offer['move'] else ''}: {names} ({offer['age_s']:.0f} s ago)")
         print(f"    approve with: python -m broker approve {offer['vm']} --to <VM or host> "
               f"--offer {offer['offer']}   (or: reject {offer['vm']})")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -20,8 +21,12 @@ from protocol.clipformat import TEXT_MIME, TextPolicy
 DEFAULT_LIMIT = 16 << 20
 
 
+SOCKET_ENV = "IVCLIP_GUEST_SOCKET"
+
+
 def default_socket() -> Path:
-    return runtime_dir() / "guest.sock"
+    """$IVCLIP_GUEST_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/guest.sock."""
+    return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "guest.sock")
 
 
 def _seconds(text: str) -> float:
@@ -42,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--socket", help="driver socket (default: $XDG_RUNTIME_DIR/ivclip/guest.sock)")
+        p.add_argument("--socket", help="driver socket (default: $IVCLIP_GUEST_SOCKET, else "
+                                        "$XDG_RUNTIME_DIR/ivclip/guest.sock)")
         p.add_argument("--limit", type=positive_size, default=DEFAULT_LIMIT,
                        help="largest clipboard handled (default 16M)")
         return p

@@ -285,4 +285,7 @@ def test_the_policy_file_decides_file_transfers_too_and_they_are_audited(tmp_pat
         assert not (tmp_path / "in-alice").exists() or not any((tmp_path / "in-alice").rglob("*.txt"))
         records = [json.loads(line) for line in lab.audit_path.read_text().splitlines()]
         files = [(r["target"], r["outcome"]) for r in records if r["gesture"] == "file"]
-        assert files == [("bob", "approved"), ("bob", "denied"), ("alice", "denied")]
+        # The decision, and for the transfer that ran, its end.
+        assert files == [("bob", "approved"), ("bob", "ok"), ("bob", "denied"), ("alice", "denied")]
+        ended = next(r for r in records if r["gesture"] == "file" and r["outcome"] == "ok")
+        assert ended["size"] == 100 and ended["reason"].startswith("sent 1 file (100 B) from host to bob")
