@@ -184,6 +184,8 @@ class GuestDriver:
             if path is None:
                 raise LayoutError(reason)
             region = Region.attach(path)
+            if not region.claim():
+                raise RegionError(f"another guest driver is attached to {path}; waiting for it to stop")
             identity = read_identity(region.mem)
             self._attached = _Attached(region, identity, self.limit)
         except (RegionError, LayoutError) as exc:
