@@ -106,9 +106,12 @@ def test_a_guest_driver_on_a_missing_device_waits_with_a_reason(tmp_path: Path) 
             if (tmp_path / "g.sock").exists():
                 break
             time.sleep(0.05)
-        status = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"))
+        status = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"), "--json")
         assert status.returncode == 0
         assert '"attached": false' in status.stdout and "cannot open" in status.stdout
+        human = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"))
+        assert human.returncode == 0 and human.stdout.startswith("not attached: cannot open "), human.stdout
+        assert "text policy strict; copies answered 0" in human.stdout
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
