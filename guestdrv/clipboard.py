@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 TOOL_TIMEOUT_S = 3.0
 """Deadline for reading the whole clipboard: under the broker's default 5 s gesture
 timeout, so a guest application that never answers makes a clear refusal, not a timeout."""
+WRITE_TIMEOUT_S = 10.0
+"""Deadline for installing a paste: the helper reads it and (the X11 owner) owns the
+selection.  It takes well under a second; under heavy load it may take seconds, and it
+waits on no application, only on the helper and the X server.  Longer than the broker's
+5 s on purpose: a paste installed after the broker stopped waiting is still the user's
+paste (the broker then reports it unconfirmed and keeps the global clipboard, the safe
+side), whereas giving up would refuse it."""
+OWNER_READY = "owned"
+"""The line guestdrv.x11owner writes on its stdout once it owns the CLIPBOARD selection."""
 
 # Targets that carry text, best first.  X11's STRING is Latin-1; the others are UTF-8.
 _UTF8_TARGETS = ("UTF8_STRING", "text/plain;charset=utf-8", "text/plain;charset=UTF-8")
@@ -160,36 +169,119 @@ def _read_bounded(argv: list[str], limit: int, deadline: float) -> tuple[int, by
     return code, (None if over else bytes(out)), err.decode(errors="replace").strip()
 
 
+def _feed(proc: subprocess.Popen[bytes], data: bytes | bytearray | memoryview, deadline: float,
+          label: str) -> bool:
+    """Write `data` to the helper's stdin and close it; whether it took all of it.
+
+    A helper that exits before reading everything is not an error here: its exit
+    status says why.
+
+    Raises:
+        ClipboardError: the helper did not read everything before `deadline`.
+    """
+    assert proc.stdin is not None
+    view = memoryview(data).cast("B")
+    fd = proc.stdin.fileno()
+    os.set_blocking(fd, False)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_WRITE)
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClipboardError(f"{label} did not read the paste within {WRITE_TIMEOUT_S:g} s")
+                if sel.select(left):
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view[: 1 << 20]):]
+    except BrokenPipeError:
+        return False
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    return True
+
+
+def _first_line(proc: subprocess.Popen[bytes], deadline: float, label: str) -> str:
+    """The helper's first line on stdout, stripped ("" if it closed stdout without one).
+
+    Raises:
+        ClipboardError: no line and no end of stdout before `deadline`.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    line = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in line and len(line) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClipboardError(f"{label} did not take the clipboard within {WRITE_TIMEOUT_S:g} s")
+            if sel.select(left):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                line += chunk
+    return line.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
 class _ServingTool:
-    """The helper process (xclip or wl-copy in the foreground) that serves our last paste."""
+    """The helper process that serves our last paste: xclip or wl-copy in the foreground,
+    or our own X11 selection owner (guestdrv.x11owner)."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, argv: list[str], data: bytes | bytearray | memoryview) -> None:
-        """Raises:
-        ClipboardError: the tool is missing or exited at once.
+    def start(self, argv: list[str], data: bytes | bytearray | memoryview, *, label: str = "",
+              reports_ready: bool = False) -> None:
+        """Start the helper with `data` on its stdin; return once it serves it.
+
+        A helper that `reports_ready` says so in one line on its stdout, OWNER_READY
+        or "error: REASON", and its stderr goes to ours (the driver's log); for the
+        others, serving means still running once they have read everything.
+
+        Raises:
+            ClipboardError: the tool is missing, exited, reported an error or was not
+                serving within WRITE_TIMEOUT_S.
         """
         self.stop()
+        label = label or argv[0]
+        deadline = time.monotonic() + WRITE_TIMEOUT_S
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if reports_ready else subprocess.DEVNULL,
+                                    stderr=None if reports_ready else subprocess.PIPE,
+                                    start_new_session=True)
         except OSError as exc:
             raise ClipboardError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        assert proc.stdin is not None and proc.stderr is not None
-        try:
-            proc.stdin.write(data)
-            proc.stdin.close()
-        except BrokenPipeError:  # it exited before reading everything: wait for its status
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(TOOL_TIMEOUT_S)
         self._proc = proc
-        code = proc.poll()
-        if code is not None:
-            message = proc.stderr.read().decode(errors="replace").strip()
+        try:
+            took_all = _feed(proc, data, deadline, label)
+            if reports_ready:
+                assert proc.stdout is not None
+                line = _first_line(proc, deadline, label)
+                proc.stdout.close()
+                if line == OWNER_READY:
+                    return
+                message = line.removeprefix("error: ")
+            else:
+                if not took_all:  # it exited before reading everything: wait for its status
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(max(0.1, deadline - time.monotonic()))
+                if proc.poll() is None:
+                    assert proc.stderr is not None
+                    os.set_blocking(proc.stderr.fileno(), False)
+                    return
+                assert proc.stderr is not None
+                message = proc.stderr.read().decode(errors="replace").strip()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            code = proc.poll()
+            status = "is still running" if code is None else f"exited with status {code}"
+            raise ClipboardError(f"{label} {status}: {message or 'no message'}")
+        except BaseException:
             self.stop()
-            raise ClipboardError(f"{argv[0]} exited with status {code}: {message or 'no message'}")
-        os.set_blocking(proc.stderr.fileno(), False)
+            raise
 
     @property
     def serving(self) -> bool:
@@ -208,8 +300,9 @@ class _ServingTool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         return was_serving
 
 

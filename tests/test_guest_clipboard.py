@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from broker.lab import XServer
+from guestdrv import clipboard
 from guestdrv.clipboard import (
     HeadlessClipboard,
     WaylandClipboard,
@@ -118,6 +119,36 @@ def test_missing_tools_are_a_clear_error(tmp_path: Path) -> None:
         clip.read(10)
     with pytest.raises(ClipboardError, match=r"cannot run .*no-wl-copy"):
         clip.write([ClipItem(TEXT_MIME, b"x")])
+
+
+FAKE_OWNER = """#!{python}
+import sys, time
+mode = sys.argv[1]
+if mode == "reads-nothing":
+    time.sleep(60)
+data = sys.stdin.buffer.read()
+if mode == "error":
+    print("error: the display is on fire", flush=True)
+    sys.exit(1)
+time.sleep(60)  # "silent": reads everything, never says it owns the selection
+"""
+
+
+@pytest.mark.parametrize(("mode", "message"), [
+    ("reads-nothing", "fake owner did not read the paste within 0.5 s"),
+    ("silent", "fake owner did not take the clipboard within 0.5 s"),
+    ("error", "fake owner exited with status 1: the display is on fire"),
+])
+def test_a_paste_is_installed_within_its_deadline_or_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str, message: str) -> None:
+    monkeypatch.setattr(clipboard, "WRITE_TIMEOUT_S", 0.5)
+    server = clipboard._ServingTool()
+    argv = [_script(tmp_path / "owner", FAKE_OWNER), mode]
+    started = time.monotonic()
+    with pytest.raises(ClipboardError, match=f"^{message}$"):
+        server.start(argv, bytes(1 << 20), label="fake owner", reports_ready=True)  # over a pipe's buffer
+    assert time.monotonic() - started < 5
+    assert not server.serving and not server.stop()
 
 
 @pytest.mark.skipif(shutil.which("Xvfb") is None or shutil.which("xclip") is None,
