@@ -1,33 +1,41 @@
-"""Guest clipboard backends: headless (in the driver), X11 (xclip) and Wayland (wl-clipboard).
+"""Guest clipboard backends: headless (in the driver), X11 (our selection owner, xclip) and Wayland.
 
 A backend reads the guest's clipboard as a list of typed items (the
-preferred first) and installs a paste.  The desktop backends drive the
-standard command-line tools rather than speaking X11 or Wayland themselves:
-xclip implements the incremental (INCR) transfers that large X11 selections
-need, in both directions, and wl-clipboard is the reference client for the
-Wayland data-control protocols.
+preferred first) and installs a paste.  Reading drives the standard
+command-line tools rather than speaking X11 or Wayland here: xclip implements
+the incremental (INCR) transfers that large X11 selections need, and
+wl-clipboard is the reference client for the Wayland data-control protocols.
 
-Both tools serve exactly one type per process, so a paste installs one item:
-text if the content has text, else the PNG image, else the first item
-(:func:`choose_item`).  Installing every type at once needs a selection owner
-of our own (see the README's "not done yet").
+On X11 a paste is served by our own CLIPBOARD selection owner
+(:mod:`guestdrv.x11owner`, python-xlib), in a process of its own like xclip's
+foreground mode: every delivered type at once, so that Ctrl-V works in a text
+editor and in an image editor alike, with INCR for large content.  Without
+python-xlib, xclip serves the paste; xclip and wl-copy serve exactly one type
+per process, so such a paste installs one item: text if the content has text,
+else the PNG image, else the first item (:func:`choose_item`).
 
 Every call to a tool has a deadline, because the clipboard owner is a guest
-application, and the driver answers the broker from the same thread.
+application, and the driver answers the broker from the same thread: reading
+within TOOL_TIMEOUT_S, under the broker's gesture timeout; installing within
+WRITE_TIMEOUT_S, which waits on no application.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import selectors
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from control.cli import LOG_LEVELS
 from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from protocol import clipformat
 from protocol.clipformat import MAX_ITEMS, MIME_RE, PNG_MIME, TEXT_MIME, ClipItem
 
 log = logging.getLogger(__name__)
@@ -391,14 +399,25 @@ class _ToolClipboard:
 
 
 class X11Clipboard(_ToolClipboard):
-    """The CLIPBOARD selection of the guest's X server, through xclip."""
+    """The CLIPBOARD selection of the guest's X server.
+
+    A paste is served by our own selection owner (guestdrv.x11owner, every type at
+    once); without python-xlib, by xclip (one type).  Reading goes through xclip.
+    """
 
     name = "x11"
 
-    def __init__(self, xclip: str = "xclip", display: str | None = None) -> None:
+    def __init__(self, xclip: str = "xclip", display: str | None = None, *,
+                 owner: bool | None = None) -> None:
+        """`owner`: serve pastes with guestdrv.x11owner (default: when python-xlib is installed)."""
         super().__init__()
         self.xclip = xclip
+        self.display = display
         self._display = ["-display", display] if display else []
+        self.use_owner = importlib.util.find_spec("Xlib") is not None if owner is None else owner
+        if not self.use_owner:
+            log.info("python-xlib is not installed: a paste installs one type, through xclip "
+                     "(pip install -e '.[desktop]' to serve every type)")
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded(self._read_argv("TARGETS"), 1 << 16, deadline)
@@ -416,6 +435,26 @@ class X11Clipboard(_ToolClipboard):
         # X11 applications ask for text as UTF8_STRING; xclip answers every target asked.
         target = "UTF8_STRING" if mime == TEXT_MIME else mime
         return [self.xclip, *self._display, "-quiet", "-selection", "clipboard", "-i", "-t", target]
+
+    def owner_argv(self) -> list[str]:
+        """The command line of our selection owner (the same interpreter as the driver)."""
+        level = logging.getLevelName(log.getEffectiveLevel()).lower()
+        argv = [sys.executable, "-m", "guestdrv.x11owner",
+                "--log-level", level if level in LOG_LEVELS else "warning"]
+        return argv + (["--display", self.display] if self.display else [])
+
+    def write(self, items: Sequence[ClipItem]) -> None:
+        if not self.use_owner:
+            super().write(items)
+            return
+        payload = clipformat.encode(items)
+        try:
+            self._server.start(self.owner_argv(), payload, label="the X11 clipboard owner",
+                               reports_ready=True)
+        finally:
+            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
+        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
+                 sum(len(item.data) for item in items))
 
 
 class WaylandClipboard(_ToolClipboard):

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import select
-import shutil
 import subprocess
 import sys
 import time
@@ -31,7 +30,8 @@ from protocol import clipformat
 from protocol.clipformat import PNG_MIME, TEXT_MIME, ClipItem
 
 ROOT = Path(__file__).resolve().parent.parent
-MISSING = [tool for tool in ("Xvfb", "xclip") if shutil.which(tool) is None]
+XclipOut = Callable[[str], bytes | None]
+"""The conftest fixture xclip_out: what `xclip -o -t TARGET` gets (None: refused or no owner)."""
 
 EMOJI_TEXT = "em dash \u2014 block \u2588 emoji \U0001f98a\r\nsecond line\r\n".encode()
 
@@ -78,14 +78,6 @@ def test_server_times_compare_across_the_wrap(stamp: int, than: int, earlier: bo
 
 
 # Against an X server ---------------------------------------------------------------
-@pytest.fixture(scope="module")
-def xserver() -> Iterator[XServer]:
-    if MISSING:
-        pytest.skip(f"{' and '.join(MISSING)} not installed (apt-get install xvfb xclip)")
-    with XServer() as server:
-        yield server
-
-
 class Owner:
     """guestdrv.x11owner serving `items`, its log in a file."""
 
@@ -126,13 +118,6 @@ def serve(xserver: XServer, tmp_path: Path) -> Iterator[Callable[..., Owner]]:
     yield start
     for owner in owners:
         owner.close()
-
-
-def xclip_out(xserver: XServer, target: str) -> bytes | None:
-    """What `xclip -o -t target` gets from the clipboard (None: refused or no owner)."""
-    result = subprocess.run(["xclip", "-display", xserver.display, "-selection", "clipboard", "-o",
-                             "-t", target], capture_output=True, timeout=30)
-    return result.stdout if result.returncode == 0 else None
 
 
 class Requestor:
@@ -262,32 +247,32 @@ def test_multiple_converts_each_pair_and_marks_the_failed_ones(
 
 
 def test_a_small_chunk_size_makes_many_incr_chunks(serve: Callable[..., Owner], requestor: Requestor,
-                                                   xserver: XServer) -> None:
+                                                   xclip_out: XclipOut) -> None:
     data = os.urandom(50_000)
     # A long idle timeout: an owner that sleeps on a chunk it has not sent would stall the
     # reading for that long, past the requestor's patience, instead of a moment.
     serve([ClipItem(PNG_MIME, data)], "--chunk", "1000", "--incr-timeout", "60")
     assert requestor.read(PNG_MIME) == (PNG_MIME, data, 50)
-    assert xclip_out(xserver, PNG_MIME) == data
+    assert xclip_out(PNG_MIME) == data
 
 
 def test_a_requestor_that_stops_reading_is_abandoned_while_others_are_served(
-        serve: Callable[..., Owner], requestor: Requestor, xserver: XServer) -> None:
+        serve: Callable[..., Owner], requestor: Requestor, xclip_out: XclipOut) -> None:
     data = os.urandom(20_000)
     owner = serve([ClipItem(PNG_MIME, data)], "--chunk", "1000", "--incr-timeout", "0.5")
     prop = requestor.ask(PNG_MIME)
     assert requestor.take(prop)[0] == requestor.atom("INCR")
     assert requestor.next_chunk(prop)  # the first chunk, which it never takes
-    assert xclip_out(xserver, PNG_MIME) == data  # meanwhile another client gets it all
+    assert xclip_out(PNG_MIME) == data  # meanwhile another client gets it all
     time.sleep(1.0)
     assert "abandoned the transfer of image/png" in owner.log_text()
     requestor.take(prop)  # too late: the owner gave up, no chunk follows
     assert not requestor.next_chunk(prop, timeout=0.5)
-    assert xclip_out(xserver, PNG_MIME) == data
+    assert xclip_out(PNG_MIME) == data
 
 
 def test_a_requestor_window_destroyed_mid_transfer_ends_its_transfer(
-        serve: Callable[..., Owner], xserver: XServer) -> None:
+        serve: Callable[..., Owner], xserver: XServer, xclip_out: XclipOut) -> None:
     data = os.urandom(20_000)
     owner = serve([ClipItem(PNG_MIME, data)], "--chunk", "1000")
     gone = Requestor(xserver)
@@ -300,16 +285,16 @@ def test_a_requestor_window_destroyed_mid_transfer_ends_its_transfer(
         time.sleep(0.05)
     # At once, not after the idle timeout ("no progress in 5 s").
     assert "after 1000 of 20000 bytes: its window was destroyed" in owner.log_text()
-    assert xclip_out(xserver, PNG_MIME) == data
+    assert xclip_out(PNG_MIME) == data
     assert owner.proc.poll() is None
 
 
 def test_sigterm_gives_the_clipboard_up_and_exits_cleanly(serve: Callable[..., Owner],
-                                                          xserver: XServer) -> None:
+                                                          xclip_out: XclipOut) -> None:
     owner = serve([ClipItem(TEXT_MIME, b"short-lived")])
-    assert xclip_out(xserver, "UTF8_STRING") == b"short-lived"
+    assert xclip_out("UTF8_STRING") == b"short-lived"
     assert owner.close() == 0
-    assert xclip_out(xserver, "TARGETS") is None
+    assert xclip_out("TARGETS") is None
     assert "stopped serving the clipboard: told to stop" in owner.log_text()
 
 
