@@ -421,7 +421,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda number, _frame: signals.append(number))
     try:
-        items = clipformat.parse(sys.stdin.buffer.read())
+        # The offers are copies (python-xlib sends only bytes without converting them), so
+        # the container read from stdin is not kept once they are built.
+        offers = offers_for(clipformat.parse(sys.stdin.buffer.read()))
     except ClipFormatError as exc:
         _report(f"error: the paste is not a typed clipboard: {exc}")
         return 1
@@ -432,7 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     ready = False
     try:
-        owner = SelectionOwner(display, offers_for(items), chunk=args.chunk, idle_timeout_s=args.incr_timeout)
+        owner = SelectionOwner(display, offers, chunk=args.chunk, idle_timeout_s=args.incr_timeout)
         owner.acquire()
         _report(OWNER_READY)
         ready = True
