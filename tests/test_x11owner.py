@@ -25,7 +25,7 @@ from Xlib.protocol import event as xevent
 from Xlib.protocol import rq
 
 from broker.lab import XServer
-from guestdrv.x11owner import Offer, _earlier, offers_for
+from guestdrv.x11owner import MAX_TRANSFERS, Offer, _earlier, offers_for
 from protocol import clipformat
 from protocol.clipformat import PNG_MIME, TEXT_MIME, ClipItem
 
@@ -268,6 +268,18 @@ def test_a_requestor_that_stops_reading_is_abandoned_while_others_are_served(
     assert "abandoned the transfer of image/png" in owner.log_text()
     requestor.take(prop)  # too late: the owner gave up, no chunk follows
     assert not requestor.next_chunk(prop, timeout=0.5)
+    assert xclip_out(PNG_MIME) == data
+
+
+def test_transfers_in_flight_are_bounded(serve: Callable[..., Owner], requestor: Requestor,
+                                         xclip_out: XclipOut) -> None:
+    data = os.urandom(5000)
+    owner = serve([ClipItem(PNG_MIME, data)], "--chunk", "1000", "--incr-timeout", "0.5")
+    answers = [requestor.ask(PNG_MIME, f"IVCLIP_P{i}") for i in range(MAX_TRANSFERS + 1)]
+    assert X.NONE not in answers[:MAX_TRANSFERS]  # each began an INCR transfer it never reads
+    assert answers[MAX_TRANSFERS] == X.NONE  # one more is refused, not queued
+    assert "transfers in flight already" in owner.log_text()
+    time.sleep(1.0)  # the stalled ones time out and make room
     assert xclip_out(PNG_MIME) == data
 
 
