@@ -1,33 +1,41 @@
-"""Guest clipboard backends: headless (in the driver), X11 (xclip) and Wayland (wl-clipboard).
+"""Guest clipboard backends: headless (in the driver), X11 (our selection owner, xclip) and Wayland.
 
 A backend reads the guest's clipboard as a list of typed items (the
-preferred first) and installs a paste.  The desktop backends drive the
-standard command-line tools rather than speaking X11 or Wayland themselves:
-xclip implements the incremental (INCR) transfers that large X11 selections
-need, in both directions, and wl-clipboard is the reference client for the
-Wayland data-control protocols.
+preferred first) and installs a paste.  Reading drives the standard
+command-line tools rather than speaking X11 or Wayland here: xclip implements
+the incremental (INCR) transfers that large X11 selections need, and
+wl-clipboard is the reference client for the Wayland data-control protocols.
 
-Both tools serve exactly one type per process, so a paste installs one item:
-text if the content has text, else the PNG image, else the first item
-(:func:`choose_item`).  Installing every type at once needs a selection owner
-of our own (see the README's "not done yet").
+On X11 a paste is served by our own CLIPBOARD selection owner
+(:mod:`guestdrv.x11owner`, python-xlib), in a process of its own like xclip's
+foreground mode: every delivered type at once, so that Ctrl-V works in a text
+editor and in an image editor alike, with INCR for large content.  Without
+python-xlib, xclip serves the paste; xclip and wl-copy serve exactly one type
+per process, so such a paste installs one item: text if the content has text,
+else the PNG image, else the first item (:func:`choose_item`).
 
 Every call to a tool has a deadline, because the clipboard owner is a guest
-application, and the driver answers the broker from the same thread.
+application, and the driver answers the broker from the same thread: reading
+within TOOL_TIMEOUT_S, under the broker's gesture timeout; installing within
+WRITE_TIMEOUT_S, which waits on no application.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import selectors
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from typing import Protocol
 
+from control.cli import LOG_LEVELS
 from guestdrv.errors import ClipboardError, ClipboardTooLarge
+from protocol import clipformat
 from protocol.clipformat import MAX_ITEMS, MIME_RE, PNG_MIME, TEXT_MIME, ClipItem
 
 log = logging.getLogger(__name__)
@@ -35,6 +43,15 @@ log = logging.getLogger(__name__)
 TOOL_TIMEOUT_S = 3.0
 """Deadline for reading the whole clipboard: under the broker's default 5 s gesture
 timeout, so a guest application that never answers makes a clear refusal, not a timeout."""
+WRITE_TIMEOUT_S = 10.0
+"""Deadline for installing a paste: the helper reads it and (the X11 owner) owns the
+selection.  It takes well under a second; under heavy load it may take seconds, and it
+waits on no application, only on the helper and the X server.  Longer than the broker's
+5 s on purpose: a paste installed after the broker stopped waiting is still the user's
+paste (the broker then reports it unconfirmed and keeps the global clipboard, the safe
+side), whereas giving up would refuse it."""
+OWNER_READY = "owned"
+"""The line guestdrv.x11owner writes on its stdout once it owns the CLIPBOARD selection."""
 
 # Targets that carry text, best first.  X11's STRING is Latin-1; the others are UTF-8.
 _UTF8_TARGETS = ("UTF8_STRING", "text/plain;charset=utf-8", "text/plain;charset=UTF-8")
@@ -160,36 +177,119 @@ def _read_bounded(argv: list[str], limit: int, deadline: float) -> tuple[int, by
     return code, (None if over else bytes(out)), err.decode(errors="replace").strip()
 
 
+def _feed(proc: subprocess.Popen[bytes], data: bytes | bytearray | memoryview, deadline: float,
+          label: str) -> bool:
+    """Write `data` to the helper's stdin and close it; whether it took all of it.
+
+    A helper that exits before reading everything is not an error here: its exit
+    status says why.
+
+    Raises:
+        ClipboardError: the helper did not read everything before `deadline`.
+    """
+    assert proc.stdin is not None
+    view = memoryview(data).cast("B")
+    fd = proc.stdin.fileno()
+    os.set_blocking(fd, False)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_WRITE)
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClipboardError(f"{label} did not read the paste within {WRITE_TIMEOUT_S:g} s")
+                if sel.select(left):
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view[: 1 << 20]):]
+    except BrokenPipeError:
+        return False
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    return True
+
+
+def _first_line(proc: subprocess.Popen[bytes], deadline: float, label: str) -> str:
+    """The helper's first line on stdout, stripped ("" if it closed stdout without one).
+
+    Raises:
+        ClipboardError: no line and no end of stdout before `deadline`.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    line = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in line and len(line) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClipboardError(f"{label} did not take the clipboard within {WRITE_TIMEOUT_S:g} s")
+            if sel.select(left):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                line += chunk
+    return line.split(b"\n", 1)[0].decode(errors="replace").strip()
+
+
 class _ServingTool:
-    """The helper process (xclip or wl-copy in the foreground) that serves our last paste."""
+    """The helper process that serves our last paste: xclip or wl-copy in the foreground,
+    or our own X11 selection owner (guestdrv.x11owner)."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, argv: list[str], data: bytes | bytearray | memoryview) -> None:
-        """Raises:
-        ClipboardError: the tool is missing or exited at once.
+    def start(self, argv: list[str], data: bytes | bytearray | memoryview, *, label: str = "",
+              reports_ready: bool = False) -> None:
+        """Start the helper with `data` on its stdin; return once it serves it.
+
+        A helper that `reports_ready` says so in one line on its stdout, OWNER_READY
+        or "error: REASON", and its stderr goes to ours (the driver's log); for the
+        others, serving means still running once they have read everything.
+
+        Raises:
+            ClipboardError: the tool is missing, exited, reported an error or was not
+                serving within WRITE_TIMEOUT_S.
         """
         self.stop()
+        label = label or argv[0]
+        deadline = time.monotonic() + WRITE_TIMEOUT_S
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
-                                    stderr=subprocess.PIPE, start_new_session=True)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if reports_ready else subprocess.DEVNULL,
+                                    stderr=None if reports_ready else subprocess.PIPE,
+                                    start_new_session=True)
         except OSError as exc:
             raise ClipboardError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        assert proc.stdin is not None and proc.stderr is not None
-        try:
-            proc.stdin.write(data)
-            proc.stdin.close()
-        except BrokenPipeError:  # it exited before reading everything: wait for its status
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(TOOL_TIMEOUT_S)
         self._proc = proc
-        code = proc.poll()
-        if code is not None:
-            message = proc.stderr.read().decode(errors="replace").strip()
+        try:
+            took_all = _feed(proc, data, deadline, label)
+            if reports_ready:
+                assert proc.stdout is not None
+                line = _first_line(proc, deadline, label)
+                proc.stdout.close()
+                if line == OWNER_READY:
+                    return
+                message = line.removeprefix("error: ")
+            else:
+                if not took_all:  # it exited before reading everything: wait for its status
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(max(0.1, deadline - time.monotonic()))
+                if proc.poll() is None:
+                    assert proc.stderr is not None
+                    os.set_blocking(proc.stderr.fileno(), False)
+                    return
+                assert proc.stderr is not None
+                message = proc.stderr.read().decode(errors="replace").strip()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(max(0.1, deadline - time.monotonic()))
+            code = proc.poll()
+            status = "is still running" if code is None else f"exited with status {code}"
+            raise ClipboardError(f"{label} {status}: {message or 'no message'}")
+        except BaseException:
             self.stop()
-            raise ClipboardError(f"{argv[0]} exited with status {code}: {message or 'no message'}")
-        os.set_blocking(proc.stderr.fileno(), False)
+            raise
 
     @property
     def serving(self) -> bool:
@@ -208,8 +308,9 @@ class _ServingTool:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if proc.stderr is not None:
-            proc.stderr.close()
+        for stream in (proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
         return was_serving
 
 
@@ -298,14 +399,25 @@ class _ToolClipboard:
 
 
 class X11Clipboard(_ToolClipboard):
-    """The CLIPBOARD selection of the guest's X server, through xclip."""
+    """The CLIPBOARD selection of the guest's X server.
+
+    A paste is served by our own selection owner (guestdrv.x11owner, every type at
+    once); without python-xlib, by xclip (one type).  Reading goes through xclip.
+    """
 
     name = "x11"
 
-    def __init__(self, xclip: str = "xclip", display: str | None = None) -> None:
+    def __init__(self, xclip: str = "xclip", display: str | None = None, *,
+                 owner: bool | None = None) -> None:
+        """`owner`: serve pastes with guestdrv.x11owner (default: when python-xlib is installed)."""
         super().__init__()
         self.xclip = xclip
+        self.display = display
         self._display = ["-display", display] if display else []
+        self.use_owner = importlib.util.find_spec("Xlib") is not None if owner is None else owner
+        if not self.use_owner:
+            log.info("python-xlib is not installed: a paste installs one type, through xclip "
+                     "(pip install -e '.[desktop]' to serve every type)")
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded(self._read_argv("TARGETS"), 1 << 16, deadline)
@@ -323,6 +435,26 @@ class X11Clipboard(_ToolClipboard):
         # X11 applications ask for text as UTF8_STRING; xclip answers every target asked.
         target = "UTF8_STRING" if mime == TEXT_MIME else mime
         return [self.xclip, *self._display, "-quiet", "-selection", "clipboard", "-i", "-t", target]
+
+    def owner_argv(self) -> list[str]:
+        """The command line of our selection owner (the same interpreter as the driver)."""
+        level = logging.getLevelName(log.getEffectiveLevel()).lower()
+        argv = [sys.executable, "-m", "guestdrv.x11owner",
+                "--log-level", level if level in LOG_LEVELS else "warning"]
+        return argv + (["--display", self.display] if self.display else [])
+
+    def write(self, items: Sequence[ClipItem]) -> None:
+        if not self.use_owner:
+            super().write(items)
+            return
+        payload = clipformat.encode(items)
+        try:
+            self._server.start(self.owner_argv(), payload, label="the X11 clipboard owner",
+                               reports_ready=True)
+        finally:
+            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
+        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
+                 sum(len(item.data) for item in items))
 
 
 class WaylandClipboard(_ToolClipboard):

@@ -1,14 +1,19 @@
-"""Fixtures shared by the unit tests: unique POSIX shared-memory names that are always removed."""
+"""Fixtures shared by the unit tests: unique POSIX shared-memory names that are always removed,
+and a private X display with xclip to look at its clipboard."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
+import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import posix_ipc
 import pytest
+
+from broker.lab import XServer
 
 
 def unique_shm_name() -> str:
@@ -22,3 +27,26 @@ def shm_name() -> Iterator[str]:
     yield name
     with contextlib.suppress(posix_ipc.ExistentialError):
         posix_ipc.unlink_shared_memory(name)
+
+
+X_MISSING = [tool for tool in ("Xvfb", "xclip") if shutil.which(tool) is None]
+
+
+@pytest.fixture(scope="module")
+def xserver() -> Iterator[XServer]:
+    """A private Xvfb display for the test module; skips, saying why, without Xvfb or xclip."""
+    if X_MISSING:
+        pytest.skip(f"{' and '.join(X_MISSING)} not installed (apt-get install xvfb xclip)")
+    with XServer() as server:
+        yield server
+
+
+@pytest.fixture
+def xclip_out(xserver: XServer) -> Callable[[str], bytes | None]:
+    """What an application asking `xserver`'s clipboard for a target gets (None: refused or no owner)."""
+    def read(target: str) -> bytes | None:
+        result = subprocess.run(["xclip", "-display", xserver.display, "-selection", "clipboard", "-o",
+                                 "-t", target], capture_output=True, timeout=30)
+        return result.stdout if result.returncode == 0 else None
+
+    return read
