@@ -1,10 +1,12 @@
-"""A reference row: the same transfer done by a plain C ring between two threads.
+"""Reference rows: the same transfer done by a plain C ring between two threads.
 
-Two threads on the two cores, a ring of the same capacity as ivclip's, one
-memcpy in and one memcpy out per chunk, spinning on acquire/release indices;
-no Python, no validation, no checks.  What a cross-core copy costs on this
-machine, next to the single-core memcpy row: the ceiling any ring that
-copies in and out can reach here.
+Two threads on the two cores, a ring of the same capacity as ivclip's,
+spinning on acquire/release indices; no Python, no validation, no checks.
+The two-copy ring does one memcpy in and one memcpy out per chunk: the
+ceiling any ring that copies in and out can reach here.  The one-copy ring
+does the memcpy in and checks the stamps at both ends of the chunk in place,
+as the zero-copy rows (ivclip's and iceoryx2's) do: the ceiling of any
+zero-copy transport fed from a prepared buffer.
 
 Built at run time with cffi into a private temporary directory (a C compiler
 is needed, as for ``pip install -e .``); when that fails the row says why.
@@ -21,6 +23,7 @@ import time
 from typing import Any
 
 from bench.harness import Measurement, Spec
+from bench.report import CRING, CRING_ONE_COPY
 
 _SOURCE = r"""
 #include <pthread.h>
@@ -30,7 +33,7 @@ _SOURCE = r"""
 #include <string.h>
 
 struct job { char *ring; size_t ring_size, chunk, chunks; const char *src; size_t src_len;
-             char *dst; uint64_t head, tail; };
+             char *dst; int one_copy; uint64_t sum; uint64_t head, tail; };
 
 static void *producer(void *arg)
 {
@@ -57,7 +60,15 @@ static void *consumer(void *arg)
         for (unsigned spin = 0; __atomic_load_n(&j->tail, __ATOMIC_ACQUIRE) == h; spin++)
             if (spin > (1u << 16))
                 sched_yield();
-        memcpy(j->dst, j->ring + h % j->ring_size, j->chunk);
+        if (j->one_copy) {  /* check in place: the stamps at both ends, as the zero-copy rows do */
+            const char *at = j->ring + h % j->ring_size;
+            uint64_t first, last;
+            memcpy(&first, at, 8);
+            memcpy(&last, at + j->chunk - 8, 8);
+            j->sum += first ^ last;
+        } else {
+            memcpy(j->dst, j->ring + h % j->ring_size, j->chunk);
+        }
         h += j->chunk;
         __atomic_store_n(&j->head, h, __ATOMIC_RELEASE);
     }
@@ -65,9 +76,10 @@ static void *consumer(void *arg)
 }
 
 int bench_cring(size_t ring_size, size_t chunk, size_t chunks, const char *src, size_t src_len,
-                char *dst)
+                char *dst, int one_copy)
 {
-    struct job j = { NULL, ring_size - ring_size % chunk, chunk, chunks, src, src_len, dst, 0, 0 };
+    struct job j = { NULL, ring_size - ring_size % chunk, chunk, chunks, src, src_len, dst, one_copy,
+                     0, 0, 0 };
     pthread_t a, b;
     j.ring = aligned_alloc(4096, ring_size);
     if (j.ring == NULL)
@@ -95,7 +107,7 @@ def _build() -> Any:
         from cffi import FFI
 
         ffi = FFI()
-        ffi.cdef("int bench_cring(size_t, size_t, size_t, const char *, size_t, char *);")
+        ffi.cdef("int bench_cring(size_t, size_t, size_t, const char *, size_t, char *, int);")
         ffi.set_source("_ivclip_bench_cring", _SOURCE, extra_compile_args=["-O2", "-pthread"],
                        extra_link_args=["-pthread"])
         path = ffi.compile(tmpdir=tmp, verbose=False)
@@ -112,8 +124,8 @@ def _build() -> Any:
     return _lib
 
 
-def cring_row(spec: Spec, ring_size: int, payload: bytearray) -> Measurement:
-    result = Measurement("C ring, 2 threads", spec.size)
+def cring_row(spec: Spec, ring_size: int, payload: bytearray, *, one_copy: bool = False) -> Measurement:
+    result = Measurement(CRING_ONE_COPY if one_copy else CRING, spec.size)
     module = _build()
     if module is None:
         result.status = _why or "unavailable"
@@ -122,7 +134,7 @@ def cring_row(spec: Spec, ring_size: int, payload: bytearray) -> Measurement:
     dst = bytearray(spec.chunk)
     start = time.perf_counter()
     rc = lib.bench_cring(ring_size, spec.chunk, spec.total_chunks, ffi.from_buffer(payload),
-                         len(payload), ffi.from_buffer(dst))
+                         len(payload), ffi.from_buffer(dst), int(one_copy))
     seconds = time.perf_counter() - start
     if rc:
         result.status = "out of memory"

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 import grp
+import os
 import re
 import shlex
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from broker import sway
 from broker.attach import libvirt_xml, qemu_args
 from broker.errors import ConfigError
 from broker.hotkeys import (
@@ -30,7 +33,7 @@ from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, B
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import LOG_LEVELS, call, parse_size, positive_size, report, setup_logging
 from control.errors import ControlError
-from control.progress import human_size
+from control.progress import files_phrase, human_size
 from control.sockets import runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
 from filexfer.receiver import default_incoming
@@ -40,8 +43,12 @@ from shm.errors import RegionError
 GESTURE_MARGIN_S = 130.0
 
 
+SOCKET_ENV = "IVCLIP_BROKER_SOCKET"
+
+
 def default_socket() -> Path:
-    return runtime_dir() / "broker.sock"
+    """$IVCLIP_BROKER_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/broker.sock."""
+    return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "broker.sock")
 
 
 def _socket(args: argparse.Namespace) -> Path:
@@ -103,11 +110,19 @@ def _rules(path: Path | None) -> list[WindowRule]:
 
 def _hotkeys(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
-    daemon = HotkeyDaemon(
-        display_name=check_x11_session(), rules=_rules(args.window_map),
-        send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
-        copy=parse_combo(args.copy), paste=parse_combo(args.paste),
-        focus_guard_s=args.focus_guard_ms / 1000)
+    daemon: HotkeyDaemon | sway.SwayHotkeys
+    if os.environ.get("WAYLAND_DISPLAY") and os.environ.get("SWAYSOCK"):
+        # sway's own configuration binds the keys (see broker.sway); --copy/--paste are X11's.
+        daemon = sway.SwayHotkeys(
+            socket_path=os.environ["SWAYSOCK"], rules=_rules(args.window_map),
+            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            focus_guard_s=args.focus_guard_ms / 1000)
+    else:
+        daemon = HotkeyDaemon(
+            display_name=check_x11_session(), rules=_rules(args.window_map),
+            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            copy=parse_combo(args.copy), paste=parse_combo(args.paste),
+            focus_guard_s=args.focus_guard_ms / 1000)
     daemon.install_signal_handlers()
     try:
         daemon.run()
@@ -124,7 +139,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def with_socket(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--socket", help="control socket (default: $XDG_RUNTIME_DIR/ivclip/broker.sock)")
+        p.add_argument("--socket", help="control socket (default: $IVCLIP_BROKER_SOCKET, else "
+                                        "$XDG_RUNTIME_DIR/ivclip/broker.sock)")
         return p
 
     serve = with_socket(sub.add_parser("serve", help="run the broker for some VMs"))
@@ -164,14 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = with_socket(sub.add_parser(name, help=text))
         p.add_argument("vm", type=_vm_name, nargs="?", help="the VM (or --focused)")
         p.add_argument("--focused", action="store_true",
-                       help="the VM whose viewer window has the focus (X11 only)")
+                       help="the VM whose viewer window has the focus (X11, or sway on Wayland)")
         p.add_argument("--window-map", type=Path, metavar="FILE",
                        help="TOML rules mapping window class and title to VMs (see broker.windows)")
         p.add_argument("--notify", action="store_true",
                        help="also show the outcome as a desktop notification (for shortcut bindings)")
 
     keys = with_socket(sub.add_parser(
-        "hotkeys", help="grab the gesture key combinations on the host X server"))
+        "hotkeys", help="gestures from key combinations: grabbed on the host X server, or bound in "
+                   "sway's config (see broker.sway)"))
     keys.add_argument("--copy", default=DEFAULT_COPY, metavar="COMBO",
                       help=f"copy gesture combination (default {DEFAULT_COPY}; 'none' disables it)")
     keys.add_argument("--paste", default=DEFAULT_PASTE, metavar="COMBO",
@@ -288,9 +305,9 @@ def _print_files(files: dict[str, Any]) -> None:
         more = offer["roots"] - len(offer["names"])
         if more:
             names += f" and {more} more"
-        others = offer["entries"] - offer["files"]
-        print(f"file offer #{offer['offer']} from {offer['vm']}: {offer['files']} files"
-              f"{f' and {others} other entries' if others else ''}, {human_size(offer['total_size'])}"
+        counts = files_phrase(offer["files"], offer["entries"])
+        size = human_size(offer["total_size"])
+        print(f"file offer #{offer['offer']} from {offer['vm']}: {counts}, {size}"
               f"{', --move' if offer['move'] else ''}: {names} ({offer['age_s']:.0f} s ago)")
         print(f"    approve with: python -m broker approve {offer['vm']} --to <VM or host> "
               f"--offer {offer['offer']}   (or: reject {offer['vm']})")
@@ -299,13 +316,24 @@ def _print_files(files: dict[str, Any]) -> None:
               f"{human_size(t['bytes'])}/{human_size(t['bytes_total'])}, {t['age_s']:.0f} s")
 
 
+def focused_session_vm(rules: list[WindowRule], environ: Mapping[str, str] = os.environ) -> str:
+    """The VM of the focused window: through sway's IPC in a sway session, else through X11.
+
+    Raises:
+        ConfigError: no way to know the focused window here, or it belongs to no VM.
+    """
+    if environ.get("WAYLAND_DISPLAY") and environ.get("SWAYSOCK"):
+        return sway.focused_vm(environ["SWAYSOCK"], rules)
+    return focused_vm(check_x11_session(environ), rules)
+
+
 def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) -> int:
     """Send one copy or paste gesture; print (and optionally notify) the outcome.
 
     Raises:
         ConfigError: --focused and the focused window belongs to no VM, or no X11 session.
     """
-    vm = focused_vm(check_x11_session(), _rules(args.window_map)) if args.focused else args.vm
+    vm = focused_session_vm(_rules(args.window_map)) if args.focused else args.vm
     started = time.monotonic()
     reply, _ = call(socket_path, {"op": args.command, "vm": vm},
                     timeout_s=GESTURE_MARGIN_S, service="broker")

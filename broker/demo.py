@@ -151,7 +151,7 @@ def qemu_flow(workdir: Path) -> None:
     reason = tinyvm.qemu_unavailable_reason()
     if reason:
         raise DemoFailed(f"real guests are not available here: {reason}")
-    assets = tinyvm.ensure_assets()
+    assets = tinyvm.ensure_assets(announce=lambda text: print(f"      {text}", flush=True))
     secret = make_secret()
     secret_file = workdir / "secret.txt"
     secret_file.write_bytes(secret)

@@ -39,7 +39,7 @@ from typing import Any
 from broker.names import HOST
 from broker.vm import CHUNK_SIZE, Attachment, VmLink
 from control.framing import Frame
-from control.progress import HeldRequest, human_size
+from control.progress import HeldRequest, files_phrase, human_size
 from control.server import Connection
 from filexfer.errors import SourceError
 from filexfer.receiver import TreeReceiver, open_receiver
@@ -109,12 +109,13 @@ def allow_all(request: FileRequest) -> str | None:
     return None
 
 
+FileEnded = Callable[[FileRequest, bool, str], None]
+"""Told when a transfer ends: what it was, whether it succeeded, and the message (for the
+audit log, which records completions as well as decisions)."""
+
+
 def describe(entries: int, files: int, size: int) -> str:
-    others = entries - files
-    text = f"{files} file{'s' if files != 1 else ''}"
-    if others:
-        text += f" and {others} other entr{'ies' if others != 1 else 'y'}"
-    return f"{text} ({human_size(size)})"
+    return f"{files_phrase(files, entries)} ({human_size(size)})"
 
 
 def outcome_text(result: FileResult, who: str) -> str:
@@ -165,12 +166,14 @@ class FileTransfers:
         incoming: Path,
         policy: NamePolicy,
         decide: FilePolicy = allow_all,
+        on_end: FileEnded | None = None,
     ) -> None:
         self.vms = vms
         self.selector = selector
         self.incoming = incoming
         self.policy = policy
         self.decide = decide
+        self.on_end = on_end
         self.transfers: list[Transfer] = []
         self._offer_numbers: dict[str, tuple[int, int]] = {}  # vm -> (offer_id, number)
         self._next_number = 1
@@ -518,8 +521,17 @@ class FileTransfers:
             message = (f"{transfer.source} to {transfer.target} failed: "
                        f"{outcome_text(result, who)}; nothing was written and no source was deleted")
         log.info("file transfer: %s (%.1f s)", message, elapsed)
+        if self.on_end is not None:
+            self.on_end(FileRequest(transfer.source, transfer.target, transfer.entries_total,
+                                    transfer.files_total, transfer.bytes_total, transfer.move), ok, message)
+        reply: dict[str, Any] = {
+            "ok": ok, "message": message, "elapsed_s": round(elapsed, 3), "source": transfer.source,
+            "target": transfer.target, "entries": transfer.entries_total, "files": transfer.files_total,
+            "bytes": transfer.bytes_total, "move": transfer.move}
+        if ok and transfer.target == HOST:
+            reply["incoming"] = str(self.incoming / transfer.source)
         for held in transfer.held:
-            held.finish({"ok": ok, "message": message, "elapsed_s": round(elapsed, 3)})
+            held.finish(reply)
 
     def close(self) -> None:
         """Cancel everything in flight (the broker is stopping)."""

@@ -16,12 +16,13 @@ only be later than the real change: the guard errs towards refusing.
 
 Wayland sessions are refused: X grabs see no keys typed into Wayland windows,
 and the X input focus says nothing about them.  Bind the compositor's own
-shortcuts to ``python -m broker copy --focused`` there only if the viewers
-run under XWayland, or to ``copy VM`` (see the README).
+shortcuts to ``python -m broker copy --focused`` under sway (broker.sway asks
+sway which window has the focus), elsewhere to ``copy VM`` (see the README).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import select
@@ -78,7 +79,8 @@ def check_x11_session(environ: Mapping[str, str] = os.environ) -> str:
         raise ConfigError(
             "this is a Wayland session: the focused window cannot be determined through X11; "
             "bind the compositor's shortcuts to 'python -m broker copy VM' and "
-            "'python -m broker paste VM' instead (see the README)")
+            "'python -m broker paste VM' instead, or under sway to 'copy --focused' and "
+            "'paste --focused' (see the README)")
     display = environ.get("DISPLAY")
     if not display:
         raise ConfigError("no X display: $DISPLAY is not set")
@@ -226,7 +228,51 @@ def broker_sender(socket_path: Path) -> GestureSender:
     return send
 
 
-class HotkeyDaemon:
+def perform_gesture(op: str, vm: str | None, what: str, focus_age_s: float, *, guard_s: float,
+                    send: GestureSender, notifier: Notifier) -> bool:
+    """Send gesture `op` for the focused window's `vm` and notify the outcome, or notify why
+    nothing was sent: the window (`what`) belongs to no VM, or a paste came less than
+    `guard_s` after the focus arrived.  Whether the gesture was sent."""
+    summary = f"ivclip {op}"
+    if vm is None:
+        notifier.notify(summary, f"nothing done: the focused window belongs to no VM ({what})", ok=False)
+        return False
+    if op == "paste" and focus_age_s < guard_s:
+        notifier.notify(summary, (
+            f"refused: focus changed {focus_age_s * 1000:.0f} ms ago (to {vm}'s window); "
+            "press the combination again to paste there"), ok=False)
+        return False
+    log.info("%s gesture for %s", op, vm)
+    reply = send(op, vm)
+    notifier.notify(summary, str(reply.get("message") or "no answer"), ok=bool(reply.get("ok")))
+    return True
+
+
+class StoppableLoop:
+    """What both hotkey daemons share: a stop flag, and a pipe that wakes their select()
+    for a signal or a stop() from another thread."""
+
+    def __init__(self) -> None:
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: self.stop())
+        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
+
+    def stop(self) -> None:
+        self._stopping = True
+        with contextlib.suppress(BlockingIOError):
+            os.write(self._wake_w, b"s")
+
+    def close_wake_pipe(self) -> None:
+        for fd in (self._wake_r, self._wake_w):
+            os.close(fd)
+
+
+class HotkeyDaemon(StoppableLoop):
     """Grabs the combinations, turns presses into gestures, notifies the outcomes."""
 
     def __init__(self, *, display_name: str, rules: Sequence[WindowRule], send: GestureSender,
@@ -252,8 +298,7 @@ class HotkeyDaemon:
         self._bindings: dict[tuple[int, int], str] = {}
         self._focus: int | None = None
         self._focus_since = time.monotonic()
-        self._stopping = False
-        self._wake_r, self._wake_w = os.pipe()
+        super().__init__()
         try:
             for op, combo in (("copy", copy), ("paste", paste)):
                 if combo is not None:
@@ -304,15 +349,6 @@ class HotkeyDaemon:
         window.change_attributes(event_mask=self.xlib.X.FocusChangeMask, onerror=catcher)
 
     # The loop ----------------------------------------------------------------
-    def install_signal_handlers(self) -> None:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: self.stop())
-        os.set_blocking(self._wake_w, False)
-        signal.set_wakeup_fd(self._wake_w, warn_on_full_buffer=False)
-
-    def stop(self) -> None:
-        self._stopping = True
-
     def run(self) -> None:
         """Serve until stopped.
 
@@ -357,28 +393,15 @@ class HotkeyDaemon:
     # Gestures ----------------------------------------------------------------
     def gesture(self, op: str, now: float) -> None:
         focused = self._note_focus(now)
-        summary = f"ivclip {op}"
-        if focused is None or focused.vm is None:
-            what = focused.describe() if focused else "no window"
-            self.notifier.notify(summary, f"nothing done: the focused window belongs to no VM ({what})",
-                                 ok=False)
-            return
-        age = now - self._focus_since
-        if op == "paste" and age < self.focus_guard_s:
-            self.notifier.notify(summary, (
-                f"refused: focus changed {age * 1000:.0f} ms ago (to {focused.vm}'s window); "
-                "press the combination again to paste there"), ok=False)
-            return
-        self.gestures += 1
-        log.info("%s gesture for %s", op, focused.vm)
-        reply = self.send(op, focused.vm)
-        self.notifier.notify(summary, str(reply.get("message") or "no answer"), ok=bool(reply.get("ok")))
+        what = focused.describe() if focused else "no window"
+        if perform_gesture(op, focused.vm if focused else None, what, now - self._focus_since,
+                           guard_s=self.focus_guard_s, send=self.send, notifier=self.notifier):
+            self.gestures += 1
 
     def close(self) -> None:
         try:
             self.display.close()
         except Exception:  # closing a broken X connection can raise anything Xlib has
             log.debug("closing the display failed", exc_info=True)
-        for fd in (self._wake_r, self._wake_w):
-            os.close(fd)
+        self.close_wake_pipe()
         self.notifier.close()

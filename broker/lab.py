@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import re
 import shutil
 import subprocess
@@ -20,7 +19,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, Self, TypeVar
 
 from shm.region import SHM_DIR
 
@@ -50,17 +49,6 @@ def trace_of(content: bytes, haystack: bytes, window: int = 16) -> str | None:
             if found is not None:
                 return f"{window} bytes of it (content offset {found}) at region offset {at}"
     return None
-
-
-def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
-    """SIGTERM, then SIGKILL if `proc` has not exited within `timeout`; reaped either way."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 class HostLab:
@@ -123,7 +111,12 @@ class HostLab:
             with contextlib.suppress(Exception):
                 self.stop_guest(vm)
         if self.broker is not None:
-            stop_process(self.broker)
+            self.broker.terminate()
+            try:
+                self.broker.wait(10)
+            except subprocess.TimeoutExpired:
+                self.broker.kill()
+                self.broker.wait()
             self.broker = None
         for vm in self.vms:  # only if the broker died without cleaning up
             with contextlib.suppress(FileNotFoundError):
@@ -179,7 +172,28 @@ class HostLab:
             time.sleep(interval)
 
 
-class XServer:
+class _ServerProcess:
+    """A helper server process the lab starts: ended on close, a context manager."""
+
+    proc: subprocess.Popen[bytes]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class XServer(_ServerProcess):
     """A private Xvfb display (each host-process guest gets its own, as a VM would).
 
     Raises (on start):
@@ -210,80 +224,72 @@ class XServer:
         env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
         return {**env, "DISPLAY": self.display, **extra}
 
-    def close(self) -> None:
-        stop_process(self.proc)
-
-    def __enter__(self) -> XServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
-_WAYLAND_SOCKET = re.compile(r"wayland-\d+")
+class SwaySession(_ServerProcess):
+    """A private headless sway (a Wayland host desktop) with its IPC socket.
 
-
-class WaylandCompositor:
-    """A private headless sway (wlroots: it has the data-control protocol wl-clipboard uses),
-    with no GPU, input device or Xwayland, in a runtime directory of its own.
-
-    sway refuses to run as root (it must be able to drop privileges for good), so under
-    root it runs as nobody; root's clients reach its socket all the same.
+    sway refuses to run as root, so as root it runs as `nobody`, in a runtime
+    folder of its own under /tmp (a test's folder is root's alone); clients
+    started by root can still reach its sockets.
 
     Raises (on start):
         RuntimeError: sway is missing or did not come up.
     """
 
-    def __init__(self, timeout: float = 20) -> None:
-        self.runtime_dir = Path(tempfile.mkdtemp(prefix="ivclip-wayland-"))  # mode 0700
-        (self.runtime_dir / "sway.conf").write_text("xwayland disable\n")
-        user: dict[str, Any] = {}
+    def __init__(self, workdir: Path, config: str = "") -> None:
+        self.runtime = Path(tempfile.mkdtemp(prefix="ivclip-sway-"))
+        (self.runtime / "config").write_text(config)
+        (self.runtime / "config").chmod(0o644)
+        as_nobody: list[str] = []
         if os.geteuid() == 0:
-            try:
-                nobody = pwd.getpwnam("nobody")
-                uid, gid = nobody.pw_uid, nobody.pw_gid
-            except KeyError:
-                uid = gid = 65534
-            for path in (self.runtime_dir, self.runtime_dir / "sway.conf"):
-                os.chown(path, uid, gid)
-            user = {"user": uid, "group": gid, "extra_groups": []}
-        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-        env.update(XDG_RUNTIME_DIR=str(self.runtime_dir), HOME=str(self.runtime_dir),
-                   WLR_BACKENDS="headless", WLR_LIBINPUT_NO_DEVICES="1", WLR_RENDERER="pixman")
-        log = self.runtime_dir / "sway.log"
+            os.chown(self.runtime, 65534, 65534)
+            as_nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(self.runtime),
+               "XDG_RUNTIME_DIR": str(self.runtime), "WLR_BACKENDS": "headless",
+               "WLR_LIBINPUT_NO_DEVICES": "1", "WLR_RENDERER": "pixman"}
+        self._log = (workdir / "sway.log").open("ab")
         try:
-            with log.open("wb") as out:
-                self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
-                    ["sway", "-c", str(self.runtime_dir / "sway.conf")], stdin=subprocess.DEVNULL,
-                    stdout=out, stderr=out, env=env, **user)
+            self.proc = subprocess.Popen([*as_nobody, "sway", "-c", str(self.runtime / "config")],
+                                         env=env, stdin=subprocess.DEVNULL, stdout=self._log,
+                                         stderr=subprocess.STDOUT)
         except OSError as exc:
-            self.proc = None
-            self.close()
+            self._log.close()
             raise RuntimeError(f"cannot run sway: {exc.strerror or exc}") from exc
-        deadline = time.monotonic() + timeout
-        while not (sockets := [p for p in self.runtime_dir.iterdir() if _WAYLAND_SOCKET.fullmatch(p.name)]):
+        deadline = time.monotonic() + 20
+        while not (self._socket("wayland-*[0-9]") and self._socket("sway-ipc.*.sock")):
             if self.proc.poll() is not None or time.monotonic() > deadline:
-                tail = log.read_bytes()[-2000:].decode(errors="replace")
                 self.close()
-                raise RuntimeError(f"sway did not come up: {tail}")
-            time.sleep(0.02)
-        self.display = sockets[0].name
+                raise RuntimeError(f"sway did not come up (see {workdir / 'sway.log'})")
+            time.sleep(0.05)
+        self.wayland_display = self._socket("wayland-*[0-9]")
+        self.ipc_socket = str(self.runtime / self._socket("sway-ipc.*.sock"))
+
+    def _socket(self, pattern: str) -> str:
+        found = sorted(path.name for path in self.runtime.glob(pattern) if path.is_socket())
+        return found[0] if found else ""
 
     def env(self, **extra: str) -> dict[str, str]:
-        """The environment of a client of this compositor (no X display, no other compositor)."""
-        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY")}
-        return {**env, "WAYLAND_DISPLAY": self.display, "XDG_RUNTIME_DIR": str(self.runtime_dir), **extra}
+        """The environment of a client of this session (no X display)."""
+        env = {k: v for k, v in os.environ.items() if k not in ("DISPLAY", "WAYLAND_DISPLAY", "SWAYSOCK")}
+        return {**env, "WAYLAND_DISPLAY": self.wayland_display, "XDG_RUNTIME_DIR": str(self.runtime),
+                "SWAYSOCK": self.ipc_socket, **extra}
+
+    def command(self, command: str) -> None:
+        """Run a sway command (swaymsg), e.g. '[app_id="foot"] focus'.
+
+        Raises:
+            RuntimeError: sway refused it.
+        """
+        result = subprocess.run(["swaymsg", "-s", self.ipc_socket, command], capture_output=True,
+                                text=True, timeout=20)
+        if result.returncode != 0:
+            raise RuntimeError(f"swaymsg {command!r}: {result.stdout.strip()} {result.stderr.strip()}")
 
     def close(self) -> None:
-        if self.proc is not None:
-            stop_process(self.proc)
-        shutil.rmtree(self.runtime_dir, ignore_errors=True)
-
-    def __enter__(self) -> WaylandCompositor:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        super().close()
+        self._log.close()
+        shutil.rmtree(self.runtime, ignore_errors=True)
 
 
 class DesktopSession(Protocol):

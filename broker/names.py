@@ -15,6 +15,8 @@ from shm.region import SHM_DIR
 _VM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,47}")
 HOST = "host"
 """Reserved: the host itself as a source or target (file transfers)."""
+GLOBAL_CLIPBOARD = "clipboard"
+"""Reserved: the global clipboard as a source or target in the audit log."""
 
 
 def check_vm_name(name: str) -> str:
@@ -30,6 +32,8 @@ def check_vm_name(name: str) -> str:
         )
     if name == HOST:
         raise ConfigError(f"VM name {name!r} is reserved for the host")
+    if name == GLOBAL_CLIPBOARD:
+        raise ConfigError(f"VM name {name!r} is reserved for the global clipboard (in the audit log)")
     return name
 
 

@@ -19,10 +19,18 @@ The policy file is TOML, given with ``python -m broker serve --config PATH``::
     [limits.file]
     "*" = "1G"
 
+    [text]                      # the paste-side text policy per VM; "*" for every VM not named
+    "*" = "strict"              # "strict": valid UTF-8 text without control characters
+    work = "permissive"         # (but tab, newline, CRLF); "permissive": the broker does not check
+
 A limit applies to both directions: the most the broker takes from that VM
 on a copy and the most it hands to it on a paste (or file transfer).  The
 broker's ``--clipboard-limit`` stays the ceiling of every clipboard limit; it
 bounds the memory a guest can make the broker allocate.
+
+A VM's text policy is checked by the broker before a paste to that VM moves a
+byte (:func:`text_refusal`); the guest driver's own ``--text-policy`` still
+applies inside the guest, so a paste must pass both.
 
 Without ``--config`` the broker uses :data:`ALLOW_ALL`: every pair allowed,
 pasting back into the source VM included, with the broker's own limit.
@@ -36,13 +44,14 @@ from __future__ import annotations
 
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from broker.errors import ConfigError
 from broker.names import HOST, check_vm_name
+from protocol.clipformat import ClipItem, TextPolicy, check_item
 
 WHATS = ("clipboard", "file")
 ANY = "*"
@@ -85,12 +94,19 @@ class Limit:
 
 
 @dataclass(frozen=True, slots=True)
+class TextSetting:
+    line: int
+    policy: TextPolicy
+
+
+@dataclass(frozen=True, slots=True)
 class Policy:
     rules: tuple[Rule, ...] = ()
     default_allow: bool = False
     keep_on_deny: bool = True
     limits: Mapping[str, Mapping[str, Limit]] = field(default_factory=dict)  # what -> vm|"*" -> Limit
     origin: str = "<built-in>"
+    text: Mapping[str, TextSetting] = field(default_factory=dict)  # vm|"*" -> its text policy
 
 
 ALLOW_ALL = Policy(default_allow=True, origin="no policy file: everything allowed")
@@ -142,6 +158,23 @@ def decide(policy: Policy, request: Request) -> Decision:
                 f"denied by policy ({policy.origin} line {limit.line}: {request.size} bytes are over "
                 f"the {request.what} limit of {limit.size} bytes for {vm}, the {end})"), limit.line)
     return decision
+
+
+def text_refusal(policy: Policy, target: str, items: Sequence[ClipItem]) -> str | None:
+    """Why the policy file's text policy for `target` refuses `items`, or None.
+
+    Pure, like :func:`decide`; a VM the file gives no text policy (and no "*")
+    is not checked here, only by its own driver.
+    """
+    setting = policy.text.get(target) or policy.text.get(ANY)
+    if setting is None:
+        return None
+    for item in items:
+        why = check_item(item, setting.policy)
+        if why is not None:
+            return (f"not valid text for {target} ({why}; text policy {setting.policy.value}, "
+                    f"{policy.origin} line {setting.line})")
+    return None
 
 
 # Parsing ---------------------------------------------------------------------
@@ -232,9 +265,9 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
         raise fail(int(found.group(1)) if found else 1, f"not valid TOML: {exc}") from None
 
     for key in data:
-        if key not in ("default", "denied_paste", "rule", "limits"):
+        if key not in ("default", "denied_paste", "rule", "limits", "text"):
             raise fail(lines.key("", key), f"unknown setting {key!r} (expected default, denied_paste, "
-                                           "[[rule]] or [limits.clipboard] / [limits.file])")
+                                           "[[rule]], [limits.clipboard] / [limits.file] or [text])")
     try:
         default_allow = _choice(data.get("default", "deny"), _DECISIONS, "default")
     except ValueError as exc:
@@ -296,7 +329,26 @@ def parse_policy(text: str, origin: str = "<policy>") -> Policy:
                 limits[what][name] = Limit(line, parse_size(value))
             except ValueError as exc:
                 raise fail(line, f"limit for {vm}: {exc}") from None
-    return Policy(tuple(rules), default_allow, keep, limits, origin)
+    return Policy(tuple(rules), default_allow, keep, limits, origin, _parse_text(data, lines, fail))
+
+
+def _parse_text(data: Mapping[str, Any], lines: _Lines, fail: Callable[[int, str], ConfigError]
+                ) -> dict[str, TextSetting]:
+    raw = data.get("text", {})
+    if not isinstance(raw, dict):
+        raise fail(lines.key("", "text"), 'text policies are written as a [text] table (vm = "strict")')
+    choices = {policy.value: policy for policy in TextPolicy}
+    settings: dict[str, TextSetting] = {}
+    for vm, value in raw.items():
+        line = lines.key("text", vm)
+        try:
+            name = ANY if vm == ANY else check_vm_name(vm)
+        except ConfigError as exc:
+            raise fail(line, str(exc)) from None
+        if not isinstance(value, str) or value not in choices:
+            raise fail(line, f"the text policy for {vm} must be 'strict' or 'permissive', not {value!r}")
+        settings[name] = TextSetting(line, choices[value])
+    return settings
 
 
 def load_policy(path: Path) -> Policy:
@@ -335,6 +387,10 @@ def check_names(policy: Policy, vms: list[str]) -> None:
             if name not in known:
                 raise ConfigError(f"{policy.origin}: line {limit.line}: a limit for {name!r}, "
                                   f"which this broker does not serve ({', '.join(vms)})")
+    for name, setting in policy.text.items():
+        if name not in known:
+            raise ConfigError(f"{policy.origin}: line {setting.line}: a text policy for {name!r}, "
+                              f"which this broker does not serve ({', '.join(vms)})")
 
 
 def check_ceiling(policy: Policy, ceiling: int) -> None:

@@ -30,8 +30,17 @@ from broker.audit import AuditLog
 from broker.clipboard import GlobalClipboard
 from broker.errors import ConfigError
 from broker.files import FILE_OPS, FILE_SPINS, MAX_SEND_PATHS_BODY, FileRequest, FileTransfers
-from broker.names import shm_name
-from broker.policy import ALLOW_ALL, Policy, Request, check_ceiling, check_names, decide, size_limit
+from broker.names import GLOBAL_CLIPBOARD, shm_name
+from broker.policy import (
+    ALLOW_ALL,
+    Policy,
+    Request,
+    check_ceiling,
+    check_names,
+    decide,
+    size_limit,
+    text_refusal,
+)
 from broker.vm import Attachment, VmLink
 from control.framing import Frame
 from control.server import Connection, ControlServer
@@ -136,7 +145,7 @@ class Broker:
         self._faults_seen: dict[str, int] = {}
         self.files = FileTransfers(self.vms, self._selector, incoming=config.incoming,
                                    policy=LENIENT if config.allow_unsafe_names else STRICT,
-                                   decide=self._decide_file)
+                                   decide=self._decide_file, on_end=self._file_ended)
 
     # Lifetime --------------------------------------------------------------
     def start(self) -> None:
@@ -257,7 +266,7 @@ class Broker:
         if self._paste_in_flight():
             return  # the paste streams from it; it expires when that paste ends, if it fails
         if not self.clipboard.empty:
-            self.audit.record("expire", source=self.clipboard.source, target="clipboard",
+            self.audit.record("expire", source=self.clipboard.source, target=GLOBAL_CLIPBOARD,
                               size=self.clipboard.content_size, outcome="wiped",
                               reason=f"nobody pasted it within {self.config.clipboard_ttl_s:g} s")
             log.info("global clipboard expired unpasted after %g s; wiped", self.config.clipboard_ttl_s)
@@ -270,7 +279,7 @@ class Broker:
         return any(g.kind == "paste" for g in self._gestures.values())
 
     def _audit(self, gesture: _Gesture, vm: str, outcome: str, reason: str, size: int | None = None) -> None:
-        source, target = (vm, "clipboard") if gesture.kind == "copy" else (gesture.source, vm)
+        source, target = (vm, GLOBAL_CLIPBOARD) if gesture.kind == "copy" else (gesture.source, vm)
         self.audit.record(gesture.kind, source=source or None, target=target,
                           size=gesture.size if size is None else size, outcome=outcome, reason=reason)
 
@@ -279,7 +288,14 @@ class Broker:
         source, size = self.clipboard.source, self.clipboard.content_size
         decision = decide(self.config.policy, Request("clipboard", source, vm.name, size))
         if decision.allow:
-            return None
+            assert self.clipboard.data is not None
+            # The items are interpreted here only for a VM the policy file gives a text policy.
+            refusal = text_refusal(self.config.policy, vm.name, clipformat.parse(self.clipboard.data))
+            if refusal is None:
+                return None
+            reason, verb = refusal, "REFUSED"
+        else:
+            reason, verb = decision.reason, "DENIED"
         if self.config.policy.keep_on_deny:
             after = "global clipboard kept"
         elif self._paste_in_flight():
@@ -288,7 +304,7 @@ class Broker:
         else:
             self.clipboard.wipe()
             after = "global clipboard wiped"
-        message = f"paste to {vm.name} DENIED, nothing pasted: {decision.reason}; {after}"
+        message = f"paste to {vm.name} {verb}, nothing pasted: {reason}; {after}"
         log.info("gesture paste %s: %s", vm.name, message)
         self.audit.record("paste", source=source, target=vm.name, size=size, outcome="denied",
                           reason=message)
@@ -302,6 +318,11 @@ class Broker:
         self.audit.record("file", source=request.source, target=request.target,
                           size=request.total_size, outcome=outcome, reason=decision.reason)
         return None if decision.allow else f"denied by policy ({decision.reason})"
+
+    def _file_ended(self, request: FileRequest, ok: bool, message: str) -> None:
+        """The audit's second record of a file transfer: how it ended."""
+        self.audit.record("file", source=request.source, target=request.target,
+                          size=request.total_size, outcome="ok" if ok else "failed", reason=message)
 
     # Gestures --------------------------------------------------------------
     def _on_request(self, conn: Connection, frame: Frame) -> None:
@@ -347,8 +368,8 @@ class Broker:
         self._gestures[vm_name] = gesture
 
     def _refuse_gesture(self, op: str, vm: VmLink) -> str | None:
-        # The policy was asked before this (see _on_request); the per-VM text policy is
-        # enforced by the receiving driver (guestdrv --text-policy).
+        # The policy, the policy file's text policy included, was asked before this
+        # (see _on_request); the receiving driver applies its own --text-policy too.
         now = time.monotonic()
         if op == "paste" and self.clipboard.empty:
             return "nothing to paste: the global clipboard is empty"

@@ -54,6 +54,7 @@ import tempfile
 import threading
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -291,7 +292,7 @@ def _newest_kernel_package() -> str:
     return max(names, key=_version_key)
 
 
-def _fetch_kernel(cache_dir: Path) -> Path:
+def _fetch_kernel(cache_dir: Path, announce: Callable[[str], None] | None = None) -> Path:
     """Download the newest Debian kernel package and distil it into cache_dir/kernel-<ver>.
 
     Keeps only vmlinux and the few modules the guest needs (the unpacked package is
@@ -300,6 +301,8 @@ def _fetch_kernel(cache_dir: Path) -> Path:
     pkg = _newest_kernel_package()
     kdir = cache_dir / f"kernel-{pkg.removeprefix('linux-image-')}"
     log.info("tinyvm: fetching %s into %s", pkg, cache_dir)
+    if announce is not None:
+        announce(f"fetching the guest kernel ({pkg}, about 70 MB, once) into {cache_dir}")
     with tempfile.TemporaryDirectory(dir=cache_dir, prefix=".fetch-") as tmp_s:
         tmp = Path(tmp_s)
         # As root apt would try to drop to _apt, which cannot write into our cache dir.
@@ -336,13 +339,15 @@ def _fetch_kernel(cache_dir: Path) -> Path:
     return kdir
 
 
-def ensure_assets(cache_dir: Path | None = None) -> TinyVmAssets:
+def ensure_assets(cache_dir: Path | None = None,
+                  announce: Callable[[str], None] | None = None) -> TinyVmAssets:
     """Return kernel and initramfs, building them into the cache on first use.
 
     Default cache: $IVCLIP_CACHE or ~/.cache/ivclip/tinyvm.  A cached kernel is used
     without asking apt; delete the cache to pick up a newer one.  Concurrent callers
     serialise on a lock file.  Raises TinyVmUnavailable (no busybox, apt/dpkg
-    failure, no kernel package) and OSError for an unwritable cache.
+    failure, no kernel package) and OSError for an unwritable cache.  `announce`
+    is told, in one line, before the slow first download starts.
     """
     if cache_dir is None:
         env = os.environ.get("IVCLIP_CACHE")
@@ -354,7 +359,7 @@ def ensure_assets(cache_dir: Path | None = None) -> TinyVmAssets:
     with open(cache_dir / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         kdirs = sorted(cache_dir.glob("kernel-*"), key=lambda p: _version_key(p.name))
-        kdir = kdirs[-1] if kdirs else _fetch_kernel(cache_dir)
+        kdir = kdirs[-1] if kdirs else _fetch_kernel(cache_dir, announce)
         modules = {p.stem: p.read_bytes() for p in (kdir / "modules").glob("*.ko")}
         # Name the initramfs by its inputs (this file included) so edits rebuild it.
         digest = hashlib.sha256(Path(__file__).read_bytes())

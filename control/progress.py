@@ -47,6 +47,13 @@ def human_size(size: float) -> str:
     return f"{size:.1f} {unit}"
 
 
+def files_phrase(files: int, entries: int) -> str:
+    """(1, 3) -> '1 file and 2 other entries': the files of a transfer and the rest."""
+    others = entries - files
+    rest = f" and {others} other entr{'ies' if others != 1 else 'y'}" if others else ""
+    return f"{files} file{'s' if files != 1 else ''}{rest}"
+
+
 class HeldRequest:
     """The server's side of one long request: progress out, hang-up in, then the final reply."""
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from control.cli import LOG_LEVELS, call, positive_size, report, setup_logging
 from control.errors import ControlError
@@ -20,8 +22,32 @@ from protocol.clipformat import TEXT_MIME, TextPolicy
 DEFAULT_LIMIT = 16 << 20
 
 
+SOCKET_ENV = "IVCLIP_GUEST_SOCKET"
+
+
 def default_socket() -> Path:
-    return runtime_dir() / "guest.sock"
+    """$IVCLIP_GUEST_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/guest.sock."""
+    return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "guest.sock")
+
+
+def status_text(status: dict[str, Any]) -> str:
+    """The driver's status for a person, as `broker status` prints the broker's."""
+    if status.get("attached"):
+        caps = int(status.get("capabilities") or 0)
+        caps_text = "".join(c if caps & bit else "-" for bit, c in ((1, "C"), (2, "P"), (4, "F"), (8, "T")))
+        lines = [f"attached to {status['device']} (session {status['session']}), capabilities {caps_text}"]
+    else:
+        lines = [f"not attached: {status.get('waiting_for') or 'looking for the ivclip device'}"]
+    lines.append(f"clipboard: {status['clipboard']}, text policy {status['text_policy']}; copies answered "
+                 f"{status['copies_answered']}, pastes received {status['pastes_received']}, refused "
+                 f"{status['pastes_refused']}; records dropped {status['dropped']}")
+    files = f"file transfers: sent {status['files_sent']}, received {status['files_received']}"
+    if status.get("send"):
+        files += f"; our offer: {status['send']}"
+    if status.get("receiving_from"):
+        files += f"; receiving from {status['receiving_from']}"
+    lines.append(files)
+    return "\n".join(lines)
 
 
 def _seconds(text: str) -> float:
@@ -42,7 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def common(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        p.add_argument("--socket", help="driver socket (default: $XDG_RUNTIME_DIR/ivclip/guest.sock)")
+        p.add_argument("--socket", help="driver socket (default: $IVCLIP_GUEST_SOCKET, else "
+                                        "$XDG_RUNTIME_DIR/ivclip/guest.sock)")
         p.add_argument("--limit", type=positive_size, default=DEFAULT_LIMIT,
                        help="largest clipboard handled (default 16M)")
         return p
@@ -77,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     send.add_argument("paths", nargs="+", metavar="PATH")
     send.add_argument("--move", action="store_true",
                       help="delete the sources once the receiver confirmed that every file arrived intact")
-    common(sub.add_parser("status", help="show the driver's attachment"))
+    status = common(sub.add_parser("status", help="show the driver's attachment and counters"))
+    status.add_argument("--json", action="store_true", help="print the whole status as JSON")
     return parser
 
 
@@ -138,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
                 "op": "send", "move": args.move, "entries": found.entries, "files": found.files,
                 "total_size": found.total_size}, paths_body(found), service="guest driver")
         reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="guest driver")
-        return report(reply, as_json=True)
+        if args.json or not reply.get("ok"):
+            return report(reply, as_json=args.json)
+        print(status_text(reply))
+        return 0
     except ControlError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

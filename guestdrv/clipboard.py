@@ -1,30 +1,32 @@
-"""Guest clipboard backends: headless (in the driver), X11 (xclip) and Wayland (wl-clipboard
-and our own data-control owner, guestdrv.wlowner).
+"""Guest clipboard backends: headless (in the driver), X11 (our selection owner, xclip) and
+Wayland (our data-control owner, wl-clipboard).
 
 A backend reads the guest's clipboard as a list of typed items (the
-preferred first) and installs a paste.  The desktop backends read through
-the standard command-line tools rather than speaking X11 or Wayland
-themselves: xclip implements the incremental (INCR) transfers that large X11
-selections need, in both directions, and wl-paste is the reference client
-for the Wayland data-control protocols.
+preferred first) and installs a paste.  Reading drives the standard
+command-line tools rather than speaking X11 or Wayland here: xclip implements
+the incremental (INCR) transfers that large X11 selections need, and
+wl-clipboard is the reference client for the Wayland data-control protocols.
 
-A Wayland paste installs every delivered type at once, so that Ctrl-V works
-in a text editor and in an image editor alike: a process of our own
-(guestdrv.wlowner, started through :meth:`_ServingTool.start_owner`) takes
-the selection through the data-control protocol and serves it, and
-:meth:`WaylandClipboard.write` returns once the selection is set.  On a
-compositor without that protocol (GNOME's Mutter) it falls back to wl-copy.
-xclip and wl-copy serve exactly one type per process, so there a paste
-installs one item: text if the content has text, else the PNG image, else
-the first item (:func:`choose_item`).
+On X11 a paste is served by our own CLIPBOARD selection owner
+(:mod:`guestdrv.x11owner`, python-xlib), in a process of its own like xclip's
+foreground mode: every delivered type at once, so that Ctrl-V works in a text
+editor and in an image editor alike, with INCR for large content.  On Wayland
+our own data-control client (:mod:`guestdrv.wlowner`, pure Python) does the
+same.  Without python-xlib, xclip serves the paste, and on a compositor without
+a data-control protocol (GNOME's Mutter) wl-copy; they serve exactly one type
+per process, so such a paste installs one item: text if the content has text,
+else the PNG image, else the first item (:func:`choose_item`).
 
 Every call to a tool has a deadline, because the clipboard owner is a guest
-application, and the driver answers the broker from the same thread.
+application, and the driver answers the broker from the same thread: reading
+within TOOL_TIMEOUT_S, under the broker's gesture timeout; installing within
+WRITE_TIMEOUT_S, which waits on no application.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import selectors
@@ -32,9 +34,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Protocol
 
+from control.cli import LOG_LEVELS
 from guestdrv.errors import ClipboardError, ClipboardTooLarge, ClipboardUnsupported
 from protocol import clipformat
 from protocol.clipformat import MAX_ITEMS, MIME_RE, PNG_MIME, TEXT_MIME, ClipItem
@@ -44,6 +46,19 @@ log = logging.getLogger(__name__)
 TOOL_TIMEOUT_S = 3.0
 """Deadline for reading the whole clipboard: under the broker's default 5 s gesture
 timeout, so a guest application that never answers makes a clear refusal, not a timeout."""
+WRITE_TIMEOUT_S = 10.0
+"""Deadline for installing a paste: the helper reads it and (the X11 owner) owns the
+selection.  It takes well under a second; under heavy load it may take seconds, and it
+waits on no application, only on the helper and the X server.  Longer than the broker's
+5 s on purpose: a paste installed after the broker stopped waiting is still the user's
+paste (the broker then reports it unconfirmed and keeps the global clipboard, the safe
+side), whereas giving up would refuse it."""
+OWNER_READY = "owned"
+"""The line our owners (guestdrv.x11owner, guestdrv.wlowner) write on stdout once the
+clipboard is theirs."""
+OWNER_UNSUPPORTED = 3
+"""The exit status of an owner whose desktop lacks what it needs (guestdrv.wlowner: a
+compositor without a data-control protocol); the backend then falls back to its tool."""
 
 # Targets that carry text, best first.  X11's STRING is Latin-1; the others are UTF-8.
 _UTF8_TARGETS = ("UTF8_STRING", "text/plain;charset=utf-8", "text/plain;charset=UTF-8")
@@ -169,84 +184,122 @@ def _read_bounded(argv: list[str], limit: int, deadline: float) -> tuple[int, by
     return code, (None if over else bytes(out)), err.decode(errors="replace").strip()
 
 
-OWNER_READY = "ready"
-"""What a clipboard owner of our own (guestdrv.wlowner) writes on standard output, first on
-the line, once the clipboard is its; a failure is a line "error MESSAGE" and an exit."""
-OWNER_UNSUPPORTED = 3
-"""The exit status of an owner whose desktop lacks what it needs (no data-control protocol)."""
+def _feed(proc: subprocess.Popen[bytes], data: bytes | bytearray | memoryview, deadline: float,
+          label: str) -> bool:
+    """Write `data` to the helper's stdin and close it; whether it took all of it.
+
+    A helper that exits before reading everything is not an error here: its exit
+    status says why.
+
+    Raises:
+        ClipboardError: the helper did not read everything before `deadline`.
+    """
+    assert proc.stdin is not None
+    view = memoryview(data).cast("B")
+    fd = proc.stdin.fileno()
+    os.set_blocking(fd, False)
+    try:
+        with selectors.DefaultSelector() as sel:
+            sel.register(fd, selectors.EVENT_WRITE)
+            while view:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ClipboardError(f"{label} did not read the paste within {WRITE_TIMEOUT_S:g} s")
+                if sel.select(left):
+                    with contextlib.suppress(BlockingIOError):
+                        view = view[os.write(fd, view[: 1 << 20]):]
+    except BrokenPipeError:
+        return False
+    finally:
+        with contextlib.suppress(BrokenPipeError):
+            proc.stdin.close()
+    return True
+
+
+def _first_line(proc: subprocess.Popen[bytes], deadline: float, label: str) -> str:
+    """The helper's first line on stdout, stripped ("" if it closed stdout without one).
+
+    Raises:
+        ClipboardError: no line and no end of stdout before `deadline`.
+    """
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    os.set_blocking(fd, False)
+    line = bytearray()
+    with selectors.DefaultSelector() as sel:
+        sel.register(fd, selectors.EVENT_READ)
+        while b"\n" not in line and len(line) < 4096:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ClipboardError(f"{label} did not take the clipboard within {WRITE_TIMEOUT_S:g} s")
+            if sel.select(left):
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    break
+                line += chunk
+    return line.split(b"\n", 1)[0].decode(errors="replace").strip()
 
 
 class _ServingTool:
-    """The helper process (xclip, wl-copy in the foreground, our owner) that serves our last paste."""
+    """The helper process that serves our last paste: xclip or wl-copy in the foreground,
+    or our own X11 selection owner (guestdrv.x11owner)."""
 
     def __init__(self) -> None:
         self._proc: subprocess.Popen[bytes] | None = None
 
-    def _spawn(self, argv: list[str], data: bytes | bytearray | memoryview, *, stdout: int,
-               stderr: int | None, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start `argv` (stopping the previous helper) and give it `data` on its standard input.
+    def start(self, argv: list[str], data: bytes | bytearray | memoryview, *, label: str = "",
+              reports_ready: bool = False) -> None:
+        """Start the helper with `data` on its stdin; return once it serves it.
+
+        A helper that `reports_ready` says so in one line on its stdout, OWNER_READY
+        or "error: REASON", and its stderr goes to ours (the driver's log); its stdout
+        stays open while it serves, so that it can see the driver go away.  For the
+        others, serving means still running once they have read everything.
 
         Raises:
-            ClipboardError: it cannot be run.
+            ClipboardUnsupported: a helper that reports_ready exited with OWNER_UNSUPPORTED.
+            ClipboardError: the tool is missing, exited, reported an error or was not
+                serving within WRITE_TIMEOUT_S.
         """
         self.stop()
+        label = label or argv[0]
+        deadline = time.monotonic() + WRITE_TIMEOUT_S
         try:
-            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=stdout, stderr=stderr,
-                                    start_new_session=True, env=env)
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE if reports_ready else subprocess.DEVNULL,
+                                    stderr=None if reports_ready else subprocess.PIPE,
+                                    start_new_session=True)
         except OSError as exc:
             raise ClipboardError(f"cannot run {argv[0]}: {exc.strerror or exc}") from exc
-        assert proc.stdin is not None
-        try:
-            proc.stdin.write(data)
-            proc.stdin.close()
-        except BrokenPipeError:  # it exited before reading everything: wait for its status
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.wait(TOOL_TIMEOUT_S)
         self._proc = proc
-        return proc
-
-    def start(self, argv: list[str], data: bytes | bytearray | memoryview) -> None:
-        """Raises:
-        ClipboardError: the tool is missing or exited at once.
-        """
-        proc = self._spawn(argv, data, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        assert proc.stderr is not None
-        code = proc.poll()
-        if code is not None:
-            message = proc.stderr.read().decode(errors="replace").strip()
-            self.stop()
-            raise ClipboardError(f"{argv[0]} exited with status {code}: {message or 'no message'}")
-        os.set_blocking(proc.stderr.fileno(), False)
-
-    def start_owner(self, argv: list[str], data: bytes | bytearray | memoryview,
-                    env: dict[str, str] | None = None) -> str:
-        """Start a clipboard owner of our own; return once the clipboard is its, with what
-        followed OWNER_READY on its line (how it owns it).
-
-        Its standard error stays ours (its log lines join the driver's); its standard output
-        stays open while it serves, so that it sees the driver go away.
-
-        Raises:
-            ClipboardUnsupported: it exited with OWNER_UNSUPPORTED (the message is its own).
-            ClipboardError: it cannot be run, failed (its message), or did not take the
-                clipboard within TOOL_TIMEOUT_S.
-        """
-        deadline = time.monotonic() + TOOL_TIMEOUT_S
-        proc = self._spawn(argv, data, stdout=subprocess.PIPE, stderr=None, env=env)
-        assert proc.stdout is not None
-        line = _read_line(proc.stdout.fileno(), deadline)
-        word, _, rest = (line or b"").decode(errors="replace").strip().partition(" ")
-        if word == OWNER_READY:
-            return rest
-        if line is not None:  # it failed and is exiting: its status tells which failure
+        try:
+            took_all = _feed(proc, data, deadline, label)
+            if reports_ready:
+                assert proc.stdout is not None
+                line = _first_line(proc, deadline, label)
+                if line == OWNER_READY:
+                    return
+                message = line.removeprefix("error: ")
+            else:
+                if not took_all:  # it exited before reading everything: wait for its status
+                    with contextlib.suppress(subprocess.TimeoutExpired):
+                        proc.wait(max(0.1, deadline - time.monotonic()))
+                if proc.poll() is None:
+                    assert proc.stderr is not None
+                    os.set_blocking(proc.stderr.fileno(), False)
+                    return
+                assert proc.stderr is not None
+                message = proc.stderr.read().decode(errors="replace").strip()
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(max(0.1, deadline - time.monotonic()))
-        self.stop()
-        if line is None:
-            raise ClipboardError(f"{argv[-1]} did not take the clipboard within {TOOL_TIMEOUT_S:g} s")
-        if word == "error" and rest:
-            raise (ClipboardUnsupported if proc.returncode == OWNER_UNSUPPORTED else ClipboardError)(rest)
-        raise ClipboardError(f"{argv[-1]} exited with status {proc.returncode} without saying why")
+            code = proc.poll()
+            if reports_ready and code == OWNER_UNSUPPORTED:
+                raise ClipboardUnsupported(message)
+            status = "is still running" if code is None else f"exited with status {code}"
+            raise ClipboardError(f"{label} {status}: {message or 'no message'}")
+        except BaseException:
+            self.stop()
+            raise
 
     @property
     def serving(self) -> bool:
@@ -271,21 +324,6 @@ class _ServingTool:
         return was_serving
 
 
-def _read_line(fd: int, deadline: float, limit: int = 4096) -> bytes | None:
-    """One line (at most `limit` bytes) from `fd`, what came before its end, or None at `deadline`."""
-    line = bytearray()
-    with selectors.DefaultSelector() as sel:
-        sel.register(fd, selectors.EVENT_READ)
-        while b"\n" not in line and len(line) < limit:
-            if not sel.select(max(0.0, deadline - time.monotonic())):
-                return None
-            chunk = os.read(fd, limit - len(line))
-            if not chunk:
-                break
-            line += chunk
-    return bytes(line.partition(b"\n")[0])
-
-
 def _other_mime_targets(targets: Sequence[str], taken: Sequence[str]) -> list[str]:
     """Further MIME-typed targets worth offering, in the owner's order.
 
@@ -300,6 +338,12 @@ def _other_mime_targets(targets: Sequence[str], taken: Sequence[str]) -> list[st
             continue
         out.append(target)
     return out
+
+
+def _owner_argv(module: str) -> list[str]:
+    """The command line of one of our owners: the driver's interpreter, at the driver's log level."""
+    level = logging.getLevelName(log.getEffectiveLevel()).lower()
+    return [sys.executable, "-m", module, "--log-level", level if level in LOG_LEVELS else "warning"]
 
 
 class _ToolClipboard:
@@ -371,14 +415,25 @@ class _ToolClipboard:
 
 
 class X11Clipboard(_ToolClipboard):
-    """The CLIPBOARD selection of the guest's X server, through xclip."""
+    """The CLIPBOARD selection of the guest's X server.
+
+    A paste is served by our own selection owner (guestdrv.x11owner, every type at
+    once); without python-xlib, by xclip (one type).  Reading goes through xclip.
+    """
 
     name = "x11"
 
-    def __init__(self, xclip: str = "xclip", display: str | None = None) -> None:
+    def __init__(self, xclip: str = "xclip", display: str | None = None, *,
+                 owner: bool | None = None) -> None:
+        """`owner`: serve pastes with guestdrv.x11owner (default: when python-xlib is installed)."""
         super().__init__()
         self.xclip = xclip
+        self.display = display
         self._display = ["-display", display] if display else []
+        self.use_owner = importlib.util.find_spec("Xlib") is not None if owner is None else owner
+        if not self.use_owner:
+            log.info("python-xlib is not installed: a paste installs one type, through xclip "
+                     "(pip install -e '.[desktop]' to serve every type)")
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded(self._read_argv("TARGETS"), 1 << 16, deadline)
@@ -397,45 +452,58 @@ class X11Clipboard(_ToolClipboard):
         target = "UTF8_STRING" if mime == TEXT_MIME else mime
         return [self.xclip, *self._display, "-quiet", "-selection", "clipboard", "-i", "-t", target]
 
+    def owner_argv(self) -> list[str]:
+        """The command line of our selection owner (the same interpreter as the driver)."""
+        return _owner_argv("guestdrv.x11owner") + (["--display", self.display] if self.display else [])
+
+    def write(self, items: Sequence[ClipItem]) -> None:
+        if not self.use_owner:
+            super().write(items)
+            return
+        payload = clipformat.encode(items)
+        try:
+            self._server.start(self.owner_argv(), payload, label="the X11 clipboard owner",
+                               reports_ready=True)
+        finally:
+            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
+        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
+                 sum(len(item.data) for item in items))
+
 
 class WaylandClipboard(_ToolClipboard):
-    """The Wayland clipboard: read through wl-paste, pasted through our own owner
-    (guestdrv.wlowner: every type at once), or wl-copy (one type) on a compositor without a
-    data-control protocol."""
+    """The Wayland clipboard.
+
+    A paste is served by our own data-control client (guestdrv.wlowner, every type at
+    once); on a compositor without a data-control protocol, by wl-copy (one type).
+    Reading goes through wl-paste.
+    """
 
     name = "wayland"
 
-    def __init__(self, wl_paste: str = "wl-paste", wl_copy: str = "wl-copy",
-                 owner: Sequence[str] = (sys.executable, "-m", "guestdrv.wlowner")) -> None:
+    def __init__(self, wl_paste: str = "wl-paste", wl_copy: str = "wl-copy") -> None:
         super().__init__()
         self.wl_paste = wl_paste
         self.wl_copy = wl_copy
-        self.owner = list(owner)
         self.data_control = True
         """Whether the compositor may have a data-control protocol (until the owner finds none)."""
 
     def write(self, items: Sequence[ClipItem]) -> None:
-        """Raises:
-        ClipboardError: the clipboard could not be set (it is set when this returns).
-        """
-        if self.data_control:
-            # The owner runs this very tree, whatever else sys.path may find first.
-            root = str(Path(__file__).resolve().parent.parent)
-            path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p)
-            # Its log lines join ours, at our level.
-            level = max((n for n in (logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR)
-                         if n <= log.getEffectiveLevel()), default=logging.DEBUG)
-            argv = [*self.owner, "--log-level", logging.getLevelName(level).lower()]
-            try:
-                how = self._server.start_owner(argv, clipformat.encode(items),
-                                               env={**os.environ, "PYTHONPATH": path})
-            except ClipboardUnsupported as exc:
-                log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)
-                self.data_control = False
-            else:
-                log.info("serving %s as the clipboard (%s)", ", ".join(i.mime for i in items), how)
-                return
-        super().write(items)
+        if not self.data_control:
+            super().write(items)
+            return
+        payload = clipformat.encode(items)
+        try:
+            self._server.start(_owner_argv("guestdrv.wlowner"), payload,
+                               label="the Wayland clipboard owner", reports_ready=True)
+        except ClipboardUnsupported as exc:
+            log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)
+            self.data_control = False
+            super().write(items)
+            return
+        finally:
+            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
+        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
+                 sum(len(item.data) for item in items))
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded([self.wl_paste, "--list-types"], 1 << 16, deadline)

@@ -14,6 +14,7 @@ import os
 import secrets
 import selectors
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,16 @@ class _Attached:
         mem.store_u64(layout.GUEST_HEARTBEAT_OFF, self.heartbeat)
         mem.store_u32(layout.GUEST_VERSION_OFF, DRIVER_VERSION)
         mem.write(layout.GUEST_SESSION_OFF, identity.session_id)  # last: now the broker may talk
+
+
+def matching_item(items: Sequence[ClipItem], mime: str) -> ClipItem | None:
+    """The item of type `mime`: the exact type, else the first whose type without its
+    parameters is the same (``text/plain`` finds ``text/plain;charset=utf-8``)."""
+    exact = next((item for item in items if item.mime == mime), None)
+    if exact is not None:
+        return exact
+    base = mime.split(";", 1)[0].strip().lower()
+    return next((item for item in items if item.mime.split(";", 1)[0].strip().lower() == base), None)
 
 
 class GuestDriver:
@@ -173,6 +184,8 @@ class GuestDriver:
             if path is None:
                 raise LayoutError(reason)
             region = Region.attach(path)
+            if not region.claim():
+                raise RegionError(f"another guest driver is attached to {path}; waiting for it to stop")
             identity = read_identity(region.mem)
             self._attached = _Attached(region, identity, self.limit)
         except (RegionError, LayoutError) as exc:
@@ -328,10 +341,12 @@ class GuestDriver:
             elif op == "paste":
                 items = self.clipboard.read(self.limit)
                 types = [i.mime for i in items]
-                if mime:
-                    chosen = next((i for i in items if i.mime == mime), None)
+                if not items:
+                    chosen = None
+                elif mime:
+                    chosen = matching_item(items, str(mime))
                 else:
-                    chosen = choose_item(items) if items else None
+                    chosen = choose_item(items)
                 if chosen is None:
                     what = f"holds no {mime}" if mime and items else "is empty"
                     conn.reply({"ok": False, "message": f"the clipboard {what}", "types": types})

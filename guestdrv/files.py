@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from control.framing import Frame
-from control.progress import HeldRequest, human_size
+from control.progress import HeldRequest, files_phrase, human_size
 from control.server import Connection
 from filexfer.errors import SourceError
 from filexfer.receiver import TreeReceiver, open_receiver
@@ -58,9 +58,7 @@ class _Send:
 
 
 def _describe(entries: int, files: int, size: int) -> str:
-    others = entries - files
-    return (f"{files} file{'s' if files != 1 else ''}"
-            f"{f' and {others} other entries' if others else ''} ({human_size(size)})")
+    return f"{files_phrase(files, entries)} ({human_size(size)})"
 
 
 class GuestFiles:

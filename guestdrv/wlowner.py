@@ -2,14 +2,15 @@
 
 wl-copy serves one type per process; this serves them all, so that Ctrl-V works in
 a text editor and in an image editor alike.  The guest driver starts it for each
-paste (:meth:`guestdrv.clipboard._ServingTool.start_owner`) and never waits on it
-after that, so a slow or stuck reader cannot block the driver's loop.
+paste (:meth:`guestdrv.clipboard._ServingTool.start`, as guestdrv.x11owner on X11)
+and never waits on it after that, so a slow or stuck reader cannot block the
+driver's loop.
 
 It reads a typed clipboard (:mod:`protocol.clipformat`'s container) on standard
 input, connects to ``$XDG_RUNTIME_DIR/$WAYLAND_DISPLAY``, takes the selection
 through the compositor's data-control protocol (:mod:`guestdrv.wayland`) and,
 once the compositor has processed that, writes one line on standard output:
-``ready INTERFACE``.  Text is offered as text/plain;charset=utf-8, text/plain,
+``owned`` (OWNER_READY).  Text is offered as text/plain;charset=utf-8, text/plain,
 UTF8_STRING, TEXT and STRING; every other item under its own MIME type.  It then
 writes the bytes for each request to the descriptor it came with, without
 blocking (many readers at once, each abandoned after TRANSFER_STALL_S without
@@ -17,8 +18,8 @@ progress), and closes it.
 
 It ends when another client takes the clipboard (after finishing the transfers
 in flight), on SIGTERM, SIGINT or SIGHUP, and when its parent goes away (its
-standard output, a pipe, breaks).  Exit status 0 then.  Before ``ready``, a
-failure is one line ``error MESSAGE`` on standard output and status 1, or
+standard output, a pipe, breaks).  Exit status 0 then.  Before ``owned``, a
+failure is one line ``error: REASON`` on standard output and status 1, or
 OWNER_UNSUPPORTED (3) when the compositor has no data-control protocol (GNOME's
 Mutter), so that the driver falls back to wl-copy; 2 for input that is not a
 typed clipboard.  Log lines go to standard error, which is the driver's.
@@ -173,7 +174,7 @@ class Owner:
             match event:
                 case Ready(interface):
                     log.info("took the clipboard through %s, offering %s", interface, ", ".join(self.data))
-                    os.write(self.report_fd, f"{OWNER_READY} {interface}\n".encode())
+                    os.write(self.report_fd, f"{OWNER_READY}\n".encode())
                     self.ready = True
                 case SendRequested(mime, fd):
                     self._start(mime, fd)
@@ -232,7 +233,7 @@ class Owner:
 
 def _report_failure(status: int, message: str) -> int:
     try:
-        os.write(sys.stdout.fileno(), f"error {message}\n".encode())
+        os.write(sys.stdout.fileno(), f"error: {message}\n".encode())
     except OSError:
         log.error("%s", message)
     return status

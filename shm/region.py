@@ -159,6 +159,24 @@ class Region:
             raise
         return cls(fd, size, path, owner=False)
 
+    def claim(self) -> bool:
+        """Take the region for this process alone among those that claim it: a guest
+        driver does, so that two drivers never produce into the same ring.  False when
+        another holds it.  The lock (an open-file-description lock on the first byte,
+        independent of the broker's flock) ends when the region is closed or the
+        process dies; where the file system has no such locks, the claim is granted.
+        """
+        if self._fd is None:
+            raise RegionError("the region is closed")
+        request = struct.pack("hhqqi4x", fcntl.F_WRLCK, os.SEEK_SET, 0, 1, 0)
+        try:
+            fcntl.fcntl(self._fd, fcntl.F_OFD_SETLK, request)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES):
+                return False
+            log.debug("cannot lock %s (%s); going on without the claim", self.path, exc.strerror)
+        return True
+
     # Lifetime -------------------------------------------------------------
     def close(self) -> None:
         """Unmap and close; safe to call twice."""

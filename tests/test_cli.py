@@ -39,7 +39,7 @@ def test_libvirt_xml_names_the_same_file() -> None:
     assert shm_path("alice").name == "ivclip-alice"
 
 
-@pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "../x", "é", "x" * 49, "host", "a.b"])
+@pytest.mark.parametrize("name", ["", "-x", "a/b", "a b", "../x", "é", "x" * 49, "host", "clipboard", "a.b"])
 def test_unsafe_vm_names_are_refused(name: str) -> None:
     with pytest.raises(ConfigError):
         check_vm_name(name)
@@ -106,9 +106,12 @@ def test_a_guest_driver_on_a_missing_device_waits_with_a_reason(tmp_path: Path) 
             if (tmp_path / "g.sock").exists():
                 break
             time.sleep(0.05)
-        status = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"))
+        status = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"), "--json")
         assert status.returncode == 0
         assert '"attached": false' in status.stdout and "cannot open" in status.stdout
+        human = run("-m", "guestdrv", "status", "--socket", str(tmp_path / "g.sock"))
+        assert human.returncode == 0 and human.stdout.startswith("not attached: cannot open "), human.stdout
+        assert "text policy strict; copies answered 0" in human.stdout
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
@@ -148,3 +151,18 @@ def test_x11_without_a_display_refuses_to_start(tmp_path: Path) -> None:
 def test_sending_an_empty_path_is_refused(tmp_path: Path) -> None:
     result = run("-m", "broker", "send", "bob", "", "--socket", str(tmp_path / "none.sock"))
     assert result.returncode == 1 and "empty path" in result.stderr
+
+
+@pytest.mark.parametrize(("module", "variable"), [("broker", "IVCLIP_BROKER_SOCKET"),
+                                                   ("guestdrv", "IVCLIP_GUEST_SOCKET")])
+def test_the_socket_comes_from_the_environment_unless_given(
+    tmp_path: Path, module: str, variable: str,
+) -> None:
+    env = {**os.environ, variable: str(tmp_path / "from-env.sock")}
+    result = subprocess.run([sys.executable, "-m", module, "status"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode != 0 and str(tmp_path / "from-env.sock") in result.stderr, result.stderr
+    given = tmp_path / "given.sock"
+    result = subprocess.run([sys.executable, "-m", module, "status", "--socket", str(given)],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert str(given) in result.stderr and "from-env" not in result.stderr, result.stderr

@@ -26,7 +26,7 @@ from test_desktop_guests import (
     strict_vm_refuses_an_escape_character,
 )
 
-from broker.lab import HostLab, WaylandCompositor, guests_in_sessions
+from broker.lab import HostLab, SwaySession, guests_in_sessions
 from protocol import clipformat
 from protocol.clipformat import PNG_MIME, TEXT_MIME, ClipItem
 
@@ -46,7 +46,7 @@ class WaylandDesktop(Desktop):
     """Desktop's helpers, with wl-copy as the application that copies and wl-paste as the one
     that pastes."""
 
-    def __init__(self, lab: HostLab, sessions: dict[str, WaylandCompositor]) -> None:
+    def __init__(self, lab: HostLab, sessions: dict[str, SwaySession]) -> None:
         super().__init__(lab, {})
         self.sessions = sessions
 
@@ -76,7 +76,8 @@ class WaylandDesktop(Desktop):
 @pytest.fixture(scope="module")
 def desktop(tmp_path_factory: pytest.TempPathFactory) -> Iterator[WaylandDesktop]:
     workdir = tmp_path_factory.mktemp("wayland-desktop")
-    with guests_in_sessions(GUESTS, workdir, WaylandCompositor) as (lab, sessions):
+    with guests_in_sessions(GUESTS, workdir, lambda: SwaySession(workdir, "xwayland disable\n")) as (
+            lab, sessions):
         desk = WaylandDesktop(lab, sessions)
         try:
             yield desk
@@ -117,7 +118,7 @@ def test_text_and_image_copied_together_are_pasted_together(desktop: WaylandDesk
     app.stdin.write(clipformat.encode([ClipItem(TEXT_MIME, text), ClipItem(PNG_MIME, image)]))
     app.stdin.close()
     desktop.owners.append(app)
-    assert app.stdout.readline().startswith(b"ready ")
+    assert app.stdout.readline() == b"owned\n"
     code, line = gesture(desktop.lab, "copy", "alice")
     size = len(text) + len(image)  # the content's size, as the broker reports it
     assert (code, line) == (0, f"copied {size} bytes from alice (text/plain;charset=utf-8, image/png)")

@@ -245,6 +245,35 @@ def test_broker_refuses_a_second_instance_and_a_busy_region(lab: HostLab, tmp_pa
         second.close()
 
 
+def test_a_second_driver_on_the_same_region_waits_and_takes_over(lab: HostLab, tmp_path: Path) -> None:
+    """Two producers on one ring would corrupt it: the second driver (another socket,
+    so its socket lock does not stop it) waits until the first is gone."""
+    log_path = tmp_path / "second-driver.log"
+    with log_path.open("wb") as log:
+        second = subprocess.Popen(
+            [sys.executable, "-m", "guestdrv", "run", "--device", str(lab.region_path("alice")),
+             "--socket", str(tmp_path / "second.sock")], stdout=log, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while "another guest driver is attached" not in log_path.read_text():
+            assert time.monotonic() < deadline and second.poll() is None, log_path.read_text()
+            time.sleep(0.05)
+        content = random_content()
+        assert lab.guest_cmd("alice", "copy", input=content).returncode == 0
+        assert gesture(lab, "copy", "alice")[0] == 0  # the first driver answers, alone
+        alice = next(vm for vm in lab.status()["vms"] if vm["name"] == "alice")
+        assert alice["faults"] == 0 and alice["state"] == "attached"
+        lab.stop_guest("alice")
+        while "attached to" not in log_path.read_text():
+            assert time.monotonic() < deadline + 20, log_path.read_text()
+            time.sleep(0.05)
+    finally:
+        second.terminate()
+        second.wait(10)
+        lab.start_guest("alice")
+        lab.wait_attached(["alice"])
+
+
 def test_status_shows_every_vm_and_never_content(lab: HostLab) -> None:
     status = lab.status()
     assert [vm["name"] for vm in status["vms"]] == VMS

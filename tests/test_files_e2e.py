@@ -7,6 +7,7 @@ and eve has no driver: the test plays a hostile eve by writing her region.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -165,8 +166,13 @@ def test_host_to_guest_and_guest_to_host(lab: HostLab, tmp_path: Path) -> None:
 
     send = Send(lab, "alice", str(top / "a.bin"))
     wait_offer(lab, "alice")
-    approved = lab.broker_cmd("approve", "alice", "--to", "host")
-    assert approved.returncode == 0 and "into" in approved.stdout, output(approved)
+    approved = lab.broker_cmd("approve", "alice", "--to", "host", "--json")
+    assert approved.returncode == 0, output(approved)
+    reply = json.loads(approved.stdout)
+    assert {k: reply[k] for k in ("ok", "source", "target", "entries", "files", "bytes", "move")} == {
+        "ok": True, "source": "alice", "target": "host", "entries": 1, "files": 1, "bytes": 2 << 20,
+        "move": False}
+    assert reply["incoming"] == str(lab.workdir / "in-host" / "alice") and "into" in reply["message"]
     assert send.result()[0] == 0
     assert (lab.workdir / "in-host" / "alice" / "a.bin").read_bytes() == (top / "a.bin").read_bytes()
 

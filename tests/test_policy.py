@@ -17,7 +17,9 @@ from broker.policy import (
     load_policy,
     parse_policy,
     size_limit,
+    text_refusal,
 )
+from protocol.clipformat import PNG_MIME, PNG_SIGNATURE, TEXT_MIME, ClipItem
 
 POLICY = """\
 # a policy with one of every kind of rule
@@ -192,6 +194,9 @@ BAD = [
     ('default = "allow"\n[[rule]\n', 2, "not valid TOML"),
     ('default = "allow"\ndefault = "deny"\n', 2, "not valid TOML"),  # a duplicate key
     ('rule = 5\n', 1, "[[rule]] tables"),
+    ('[text]\nalice = "lax"\n', 2, "must be 'strict' or 'permissive'"),
+    ('[text]\n"../x" = "strict"\n', 2, "not a safe identifier"),
+    ('text = "strict"\n', 1, "[text] table"),
 ]
 
 
@@ -212,6 +217,21 @@ def test_names_the_broker_does_not_serve_are_refused_with_their_line() -> None:
     limits = parse_policy('[limits.clipboard]\n"*" = 5\ncarol = 7\n', "p.toml")
     with pytest.raises(ConfigError, match=r"line 3: a limit for 'carol'"):
         check_names(limits, ["alice"])
+
+
+def test_text_policies_per_vm_with_a_default_and_their_lines() -> None:
+    policy = parse_policy('default = "allow"\n[text]\n"*" = "strict"\nwork = "permissive"\n', "p.toml")
+    trick = [ClipItem(TEXT_MIME, b"echo \x1b[2J")]
+    fine = [ClipItem(TEXT_MIME, "\u2014 \U0001F600\r\n".encode()), ClipItem(PNG_MIME, PNG_SIGNATURE)]
+    assert text_refusal(policy, "work", trick) is None
+    assert text_refusal(policy, "bob", fine) is None
+    assert text_refusal(policy, "bob", trick) == (
+        f"not valid text for bob ({TEXT_MIME} holds the control character U+001B; "
+        "text policy strict, p.toml line 3)")
+    assert text_refusal(ALLOW_ALL, "bob", trick) is None  # no file: only the driver checks
+    assert text_refusal(parse_policy('[text]\nwork = "strict"\n'), "bob", trick) is None
+    with pytest.raises(ConfigError, match=r"p.toml: line 4: a text policy for 'work'"):
+        check_names(policy, ["bob"])
 
 
 def test_a_clipboard_limit_over_the_brokers_is_refused() -> None:

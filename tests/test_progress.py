@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import io
 
-from control.progress import ProgressBar, human_size
+from control.progress import ProgressBar, files_phrase, human_size
 
 
 def test_human_sizes() -> None:
     assert [human_size(n) for n in (0, 1023, 1024, 1536, 5 << 20, 3 << 30)] == [
         "0 B", "1023 B", "1.0 KiB", "1.5 KiB", "5.0 MiB", "3.0 GiB"]
+
+
+def test_files_phrases_count_in_good_english() -> None:
+    assert [files_phrase(f, e) for f, e in ((1, 1), (2, 2), (0, 1), (1, 2), (3, 5))] == [
+        "1 file", "2 files", "0 files and 1 other entry", "1 file and 1 other entry",
+        "3 files and 2 other entries"]
 
 
 def test_the_bar_shows_files_bytes_rate_and_time_left() -> None:

@@ -87,6 +87,23 @@ def test_second_create_is_busy_while_the_first_is_open(shm_name):
     again.close()
 
 
+def test_one_claim_at_a_time_beside_the_brokers_lock(shm_name):
+    with Region.create(shm_name, MIB):  # the broker's flock does not stand in the way
+        first = Region.attach(shm_path(shm_name))
+        second = Region.attach(shm_path(shm_name))
+        try:
+            assert first.claim()
+            assert first.claim()  # again, by the same holder
+            assert not second.claim()
+            first.close()
+            assert second.claim()  # the claim went with the first descriptor
+        finally:
+            first.close()
+            second.close()
+        with pytest.raises(RegionError, match="closed"):
+            second.claim()
+
+
 def test_busy_error_is_a_region_error():
     assert issubclass(RegionBusyError, RegionError)
 

@@ -30,6 +30,22 @@ SHM_SIZE = 1 << 20
 
 # --------------------------------------------------------------------------- fast
 
+def test_the_first_download_is_announced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from broker import tinyvm
+
+    def no_apt(argv: list[str], **_: object) -> None:
+        raise TinyVmUnavailable(f"{argv[0]} is not reachable in this test")
+
+    monkeypatch.setattr(tinyvm, "_find_busybox", lambda: Path("/bin/sh"))
+    monkeypatch.setattr(tinyvm, "_newest_kernel_package", lambda: "linux-image-9.9.9-1-amd64")
+    monkeypatch.setattr(tinyvm, "_run", no_apt)
+    said: list[str] = []
+    with pytest.raises(TinyVmUnavailable, match="not reachable"):
+        ensure_assets(tmp_path / "cache", announce=said.append)
+    assert said == [f"fetching the guest kernel (linux-image-9.9.9-1-amd64, about 70 MB, once) "
+                    f"into {tmp_path / 'cache'}"]
+
+
 def test_kvm_only_with_real_virtualisation():
     intel = "processor\t: 0\nflags\t\t: fpu sse2 vmx avx\n"
     amd = "flags\t\t: fpu svm\n"

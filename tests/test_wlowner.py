@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from broker.lab import WaylandCompositor
+from broker.lab import SwaySession
 from guestdrv import wlowner
 from guestdrv.clipboard import OWNER_UNSUPPORTED
 from protocol import clipformat
@@ -91,17 +91,17 @@ def at(path: Path) -> dict[str, str]:
 
 @pytest.mark.parametrize(("reply", "hang_up", "status", "line"), [
     (NO_DATA_CONTROL, False, OWNER_UNSUPPORTED,
-     "error the compositor offers no data-control protocol (ext_data_control_manager_v1 or "
+     "error: the compositor offers no data-control protocol (ext_data_control_manager_v1 or "
      "zwlr_data_control_manager_v1), as GNOME's Mutter does not"),
     (event(2, 0, 2, "zwlr_data_control_manager_v1", 2) + event(3, 0, 0), False, 1,
-     "error the compositor has no seat, so no clipboard"),
+     "error: the compositor has no seat, so no clipboard"),
     (event(1, 0, 2, 1, "invalid arguments for wl_registry#0"), False, 1,
-     "error the compositor reported error 1 on wl_registry (object 2): invalid arguments for wl_registry#0"),
+     "error: the compositor reported error 1 on wl_registry (object 2): invalid arguments for wl_registry#0"),
     (b"\2\0\0\0\0\0\2\0", False, 1,
-     "error a message of 2 bytes (for object 2, opcode 0): sizes are whole words from 8 to 4096"),
+     "error: a message of 2 bytes (for object 2, opcode 0): sizes are whole words from 8 to 4096"),
     (struct.pack("=IIII", 2, 32 << 16, 1, 10) + b"wl_seat\0x\0\0\0" + struct.pack("=I", 1), False, 1,
-     "error malformed wl_registry#0 event: a string is not terminated by its only NUL"),
-    (b"", True, 1, "error the compositor closed the connection"),
+     "error: malformed wl_registry#0 event: a string is not terminated by its only NUL"),
+    (b"", True, 1, "error: the compositor closed the connection"),
 ])
 def test_each_failure_is_one_line_and_a_status(fake: list[FakeCompositor], tmp_path: Path, reply: bytes,
                                                hang_up: bool, status: int, line: str) -> None:
@@ -114,34 +114,34 @@ def test_each_failure_is_one_line_and_a_status(fake: list[FakeCompositor], tmp_p
 def test_no_compositor_and_bad_input_are_clear_too(tmp_path: Path) -> None:
     result = run_owner(at(tmp_path / "wayland-nothing"))
     assert result.returncode == 1
-    assert result.stdout == f"error cannot connect to the compositor at {tmp_path}/wayland-nothing: " \
+    assert result.stdout == f"error: cannot connect to the compositor at {tmp_path}/wayland-nothing: " \
                             "No such file or directory\n"
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"} | {"WAYLAND_DISPLAY": "wayland-0"}
     result = run_owner(env)
     assert (result.returncode, result.stdout) == (
-        1, "error XDG_RUNTIME_DIR is not set, so the Wayland socket cannot be found\n")
+        1, "error: XDG_RUNTIME_DIR is not set, so the Wayland socket cannot be found\n")
     result = run_owner(at(tmp_path / "wayland-nothing"), b"plain text, no container")
     assert result.returncode == 2
-    assert result.stdout.startswith("error standard input is not a typed clipboard: ")
+    assert result.stdout.startswith("error: standard input is not a typed clipboard: ")
     assert "Traceback" not in result.stderr
 
 
 # Against sway -----------------------------------------------------------------------
-def wl_paste(compositor: WaylandCompositor, *args: str) -> subprocess.CompletedProcess[bytes]:
+def wl_paste(compositor: SwaySession, *args: str) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run(["wl-paste", *args], capture_output=True, env=compositor.env(), timeout=30)
 
 
-def start_owner(compositor: WaylandCompositor, items: list[ClipItem]) -> subprocess.Popen[bytes]:
+def start_owner(compositor: SwaySession, items: list[ClipItem]) -> subprocess.Popen[bytes]:
     proc = subprocess.Popen([sys.executable, "-m", "guestdrv.wlowner"], stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=compositor.env())
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(clipformat.encode(items))
     proc.stdin.close()
-    assert proc.stdout.readline() == b"ready zwlr_data_control_manager_v1\n"
+    assert proc.stdout.readline() == b"owned\n"
     return proc
 
 
-def test_the_owner_leaves_when_its_driver_goes_away(compositor: WaylandCompositor) -> None:
+def test_the_owner_leaves_when_its_driver_goes_away(compositor: SwaySession) -> None:
     proc = start_owner(compositor, [ClipItem(TEXT_MIME, b"held by the owner")])
     try:
         assert wl_paste(compositor, "-n").stdout == b"held by the owner"
@@ -159,7 +159,7 @@ def test_the_owner_leaves_when_its_driver_goes_away(compositor: WaylandComposito
     assert "the driver went away" in log and "Traceback" not in log
 
 
-def test_a_stuck_reader_holds_up_no_one_and_is_given_up(compositor: WaylandCompositor,
+def test_a_stuck_reader_holds_up_no_one_and_is_given_up(compositor: SwaySession,
                                                          monkeypatch: pytest.MonkeyPatch,
                                                          caplog: pytest.LogCaptureFixture) -> None:
     """In process, to shorten the stall limit: a reader that never reads 4 MiB of text does not
@@ -175,7 +175,7 @@ def test_a_stuck_reader_holds_up_no_one_and_is_given_up(compositor: WaylandCompo
     thread.start()
     stuck: subprocess.Popen[bytes] | None = None
     try:
-        assert os.read(read_fd, 100) == b"ready zwlr_data_control_manager_v1\n"
+        assert os.read(read_fd, 100) == b"owned\n"
         stuck = subprocess.Popen(["wl-paste", "-n", "--type", "text/plain"], stdout=subprocess.PIPE,
                                  env=compositor.env())
         time.sleep(0.3)  # its request is in

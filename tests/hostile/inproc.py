@@ -159,8 +159,8 @@ class InProcessLab:
             self.pump()
         return conn.replies[0]
 
-    def set_clipboard(self, vm: str, data: bytes) -> None:
-        self.drivers[vm].clipboard.write([ClipItem(BINARY_MIME, data)])
+    def set_clipboard(self, vm: str, data: bytes, mime: str = BINARY_MIME) -> None:
+        self.drivers[vm].clipboard.write([ClipItem(mime, data)])
 
     def clipboard_of(self, vm: str) -> bytes | None:
         items = self.drivers[vm].clipboard.read(1 << 30)

@@ -19,6 +19,7 @@ from broker.lab import HostLab, trace_of
 from broker.policy import parse_policy
 from control.framing import Frame
 from control.server import Connection
+from protocol.clipformat import TEXT_MIME, TextPolicy
 
 BINARY = ("--type", "application/octet-stream")  # random bytes are no text for a strict driver
 
@@ -87,6 +88,44 @@ def test_a_denied_paste_says_so_leaks_nothing_and_treats_the_clipboard_as_config
     denied = [r for r in records if r["outcome"] == "denied"]
     assert len(denied) == 1 and denied[0]["source"] == "alice" and denied[0]["target"] == "bob"
     assert secret.hex() not in lab.audit_path.read_text() and b"secret" not in lab.audit_path.read_bytes()
+
+
+TEXT_POLICY = """\
+default = "allow"
+
+[text]
+"*" = "permissive"
+bob = "strict"
+"""
+
+
+def test_the_policy_files_text_policy_refuses_before_any_byte_moves(tmp_path: Path) -> None:
+    lab = InProcessLab(tmp_path, ["alice", "bob", "carol"], ["alice", "bob", "carol"],
+                       policy=parse_policy(TEXT_POLICY, "policy.toml"), timeout_s=2.0)
+    try:
+        lab.attach_all()
+        # carol's driver would refuse it on its own: make it permissive, as the file says.
+        lab.drivers["carol"].text_policy = TextPolicy.PERMISSIVE
+        trick = b"ls\x1b]0;pwned\x07 " + os.urandom(8).hex().encode()
+        lab.set_clipboard("alice", trick, TEXT_MIME)
+        assert lab.gesture("copy", "alice")["ok"]
+        reply = lab.gesture("paste", "bob")
+        assert reply["ok"] is False and reply["denied"] is True
+        assert reply["message"] == (
+            f"paste to bob REFUSED, nothing pasted: not valid text for bob ({TEXT_MIME} holds the "
+            "control character U+001B; text policy strict, policy.toml line 5); global clipboard kept")
+        lab.pump(20)
+        assert lab.clipboard_of("bob") is None
+        assert trace_of(trick, lab.region_path("bob").read_bytes()) is None
+        assert [r["outcome"] for r in read_audit(lab.audit_path)][-1] == "denied"
+        # Valid text passes the same check, and carol (permissive) takes the trick as it is.
+        assert lab.gesture("paste", "carol")["ok"] and lab.clipboard_of("carol") == trick
+        lab.set_clipboard("alice", "caf\u00e9 \u2014 ok\r\n".encode(), TEXT_MIME)
+        assert lab.gesture("copy", "alice")["ok"]
+        assert lab.gesture("paste", "bob")["ok"]
+        assert lab.clipboard_of("bob") == "caf\u00e9 \u2014 ok\r\n".encode()
+    finally:
+        lab.close()
 
 
 def test_pasting_back_into_the_source(lab: InProcessLab) -> None:
@@ -246,4 +285,7 @@ def test_the_policy_file_decides_file_transfers_too_and_they_are_audited(tmp_pat
         assert not (tmp_path / "in-alice").exists() or not any((tmp_path / "in-alice").rglob("*.txt"))
         records = [json.loads(line) for line in lab.audit_path.read_text().splitlines()]
         files = [(r["target"], r["outcome"]) for r in records if r["gesture"] == "file"]
-        assert files == [("bob", "approved"), ("bob", "denied"), ("alice", "denied")]
+        # The decision, and for the transfer that ran, its end.
+        assert files == [("bob", "approved"), ("bob", "ok"), ("bob", "denied"), ("alice", "denied")]
+        ended = next(r for r in records if r["gesture"] == "file" and r["outcome"] == "ok")
+        assert ended["size"] == 100 and ended["reason"].startswith("sent 1 file (100 B) from host to bob")
