@@ -407,6 +407,20 @@ class _ToolClipboard:
         self._server.start(self._write_argv(item.mime), item.data)
         log.info("serving %s (%d bytes) as the clipboard", item.mime, len(item.data))
 
+    def _write_through_owner(self, argv: list[str], items: Sequence[ClipItem], label: str) -> None:
+        """Install every item through one of our owners; it holds the clipboard when this returns.
+
+        Raises:
+            ClipboardUnsupported, ClipboardError: as _ServingTool.start.
+        """
+        payload = clipformat.encode(items)
+        try:
+            self._server.start(argv, payload, label=label, reports_ready=True)
+        finally:
+            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
+        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
+                 sum(len(item.data) for item in items))
+
     def withdraw(self) -> bool:
         return self._server.stop()
 
@@ -460,14 +474,7 @@ class X11Clipboard(_ToolClipboard):
         if not self.use_owner:
             super().write(items)
             return
-        payload = clipformat.encode(items)
-        try:
-            self._server.start(self.owner_argv(), payload, label="the X11 clipboard owner",
-                               reports_ready=True)
-        finally:
-            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
-        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
-                 sum(len(item.data) for item in items))
+        self._write_through_owner(self.owner_argv(), items, "the X11 clipboard owner")
 
 
 class WaylandClipboard(_ToolClipboard):
@@ -488,22 +495,15 @@ class WaylandClipboard(_ToolClipboard):
         """Whether the compositor may have a data-control protocol (until the owner finds none)."""
 
     def write(self, items: Sequence[ClipItem]) -> None:
-        if not self.data_control:
-            super().write(items)
-            return
-        payload = clipformat.encode(items)
-        try:
-            self._server.start(_owner_argv("guestdrv.wlowner"), payload,
-                               label="the Wayland clipboard owner", reports_ready=True)
-        except ClipboardUnsupported as exc:
-            log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)
-            self.data_control = False
-            super().write(items)
-            return
-        finally:
-            payload[:] = bytes(len(payload))  # the owner holds its own copy (as the driver does)
-        log.info("serving %s (%d bytes) as the clipboard", ", ".join(item.mime for item in items),
-                 sum(len(item.data) for item in items))
+        if self.data_control:
+            try:
+                self._write_through_owner(_owner_argv("guestdrv.wlowner"), items,
+                                          "the Wayland clipboard owner")
+                return
+            except ClipboardUnsupported as exc:
+                log.warning("%s: pasting through wl-copy from now on, one type per paste", exc)
+                self.data_control = False
+        super().write(items)
 
     def _list_targets(self, deadline: float) -> list[str] | None:
         code, data, err = _read_bounded([self.wl_paste, "--list-types"], 1 << 16, deadline)
