@@ -178,7 +178,9 @@ class RingProducer(_RingEnd):
     def try_push(self, kind: int, parts: Sequence[Buffer], *, publish: bool = True) -> bool:
         """Append one record whose payload is the concatenation of `parts`.
 
-        Returns False (writing nothing) when the ring has no room now.
+        Returns False (writing nothing) when the ring has no room now; with
+        `publish`, the records written before are published then, so that a
+        producer waiting for room never waits on records the consumer cannot see.
 
         Raises:
             ValueError: `kind` is the padding kind or the payload exceeds max_record.
@@ -198,6 +200,8 @@ class RingProducer(_RingEnd):
         span = _HEADER_SIZE + ((length + _ALIGN_MASK) & ~_ALIGN_MASK)
         pos = self._reserve(span)
         if pos is None:
+            if publish:
+                self.publish()
             return False
         self._mem.put_record(self._data + pos, kind, length, parts)
         tail = self._tail = (self._tail + span) % self._wrap
@@ -276,7 +280,9 @@ class RingProducer(_RingEnd):
         """Zero-copy: a writable view of `length` payload bytes inside the ring, or None if full.
 
         Fill it, then :meth:`commit`.  Only one loan may be outstanding; the
-        view is released by commit.
+        view is released by commit.  When the ring is full, the records
+        committed without publishing are published, so that a producer waiting
+        for room never waits on records the consumer cannot see.
 
         Raises:
             ValueError: the length exceeds max_record.
@@ -289,6 +295,7 @@ class RingProducer(_RingEnd):
             raise RuntimeError("a loan is already outstanding")
         pos = self._reserve(record_span(length))
         if pos is None:
+            self.publish()
             return None
         self._loan = (pos, length)
         start = self._data + pos + _HEADER_SIZE

@@ -360,8 +360,8 @@ class RingMachine(RuleBasedStateMachine):
         if fits:
             self.tail += need
             self.unpublished.append((kind, data, need))
-            if publish:
-                self._published()
+        if publish:  # even when full: what was written before becomes visible
+            self._published()
 
     def _published(self) -> None:
         self.visible.extend(self.unpublished)
