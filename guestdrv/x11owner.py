@@ -60,6 +60,7 @@ import logging
 import os
 import select
 import signal
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -239,11 +240,13 @@ class SelectionOwner:
             self.display.sync()
 
     # The loop ------------------------------------------------------------------
-    def serve(self, wake_fd: int, stopping: Callable[[], bool]) -> str:
-        """Serve requests until the selection is lost and its transfers are done, or `stopping()`.
+    def serve(self, wake_fd: int, stopping: Callable[[], bool], parent_fd: int | None = None) -> str:
+        """Serve requests until the selection is lost and its transfers are done, or `stopping()`,
+        or the parent goes away.
 
-        `wake_fd` becomes readable when a signal arrives (signal.set_wakeup_fd).
-        Returns why it ended.
+        `wake_fd` becomes readable when a signal arrives (signal.set_wakeup_fd);
+        `parent_fd`, the write end of a pipe to the parent, polls as readable (an
+        error) once the parent's end is closed.  Returns why it ended.
 
         Raises:
             ConnectionClosedError: the X server went away.
@@ -267,9 +270,12 @@ class SelectionOwner:
                 continue
             deadlines = [t.deadline for t in self.transfers.values()]
             timeout = max(0.0, min(deadlines) - now) if deadlines else None
-            readable, _, _ = select.select([fd, wake_fd], [], [], timeout)
+            watched = [fd, wake_fd] if parent_fd is None else [fd, wake_fd, parent_fd]
+            readable, _, _ = select.select(watched, [], [], timeout)
             if wake_fd in readable:
                 os.read(wake_fd, 64)
+            if parent_fd is not None and parent_fd in readable:
+                return "the driver went away"
 
     def _dispatch(self, ev: rq.Event) -> None:
         try:
@@ -402,12 +408,10 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def _report(line: str) -> None:
-    """The one line for the parent; afterwards stdout is /dev/null, so nothing else reaches it."""
+    """The one line for the parent.  stdout stays open afterwards, silent: when it is a
+    pipe, its reader going away tells that the driver died (see `serve`)."""
     sys.stdout.write(line + "\n")
     sys.stdout.flush()
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    os.dup2(devnull, sys.stdout.fileno())
-    os.close(devnull)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -438,7 +442,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         owner.acquire()
         _report(OWNER_READY)
         ready = True
-        why = owner.serve(wake_read, lambda: bool(signals))
+        stdout = sys.stdout.fileno()
+        parent = stdout if stat.S_ISFIFO(os.fstat(stdout).st_mode) else None
+        why = owner.serve(wake_read, lambda: bool(signals), parent)
         owner.release()
     except (ClipboardError, ConnectionClosedError, XError) as exc:
         if not ready:

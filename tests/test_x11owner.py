@@ -310,6 +310,17 @@ def test_sigterm_gives_the_clipboard_up_and_exits_cleanly(serve: Callable[..., O
     assert "stopped serving the clipboard: told to stop" in owner.log_text()
 
 
+def test_the_owner_leaves_when_its_driver_goes_away(serve: Callable[..., Owner],
+                                                   xclip_out: XclipOut) -> None:
+    owner = serve([ClipItem(TEXT_MIME, b"held by the owner")])
+    assert xclip_out("UTF8_STRING") == b"held by the owner"
+    assert owner.proc.stdout is not None
+    owner.proc.stdout.close()  # what the kernel does when the driver dies
+    assert owner.proc.wait(10) == 0
+    assert xclip_out("TARGETS") is None
+    assert "the driver went away" in owner.log_text()
+
+
 def test_input_that_is_not_a_typed_clipboard_is_an_error_line(xserver: XServer) -> None:
     result = subprocess.run([sys.executable, "-m", "guestdrv.x11owner", "--display", xserver.display],
                             input=b"plain bytes", capture_output=True, cwd=ROOT, timeout=30)
