@@ -15,6 +15,7 @@ from typing import Any
 from bench import copies, gesture, idle, report
 from bench.cring import cring_row
 from bench.harness import (
+    CHUNK,
     SIZES,
     Measurement,
     Spec,
@@ -33,11 +34,44 @@ def _log(msg: str) -> None:
 
 
 def _parse_size(text: str) -> int:
-    text = text.strip().upper().removesuffix("B").removesuffix("I")
-    for suffix, mult in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
-        if text.endswith(suffix):
-            return int(text[:-1]) * mult
-    return int(text)
+    """'64', '4K', '1M', '16MiB' -> bytes.
+
+    Raises:
+        argparse.ArgumentTypeError: anything else, or not a positive size.
+    """
+    number = text.strip().upper().removesuffix("B").removesuffix("I")
+    mult = 1
+    for suffix, value in (("K", 1 << 10), ("M", 1 << 20), ("G", 1 << 30)):
+        if number.endswith(suffix):
+            number, mult = number[:-1], value
+            break
+    if not number.isdigit() or int(number) == 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (examples: 64, 4K, 1M)")
+    return int(number) * mult
+
+
+def _sizes(text: str) -> list[int]:
+    """Payload sizes: each at least 16 bytes (a stamp at both ends), a multiple of 8, and
+    a multiple of the chunk when larger than it (every chunk is whole)."""
+    sizes = [_parse_size(part) for part in text.split(",")]
+    for size in sizes:
+        if size < 16 or size % 8 or (size > CHUNK and size % CHUNK):
+            raise argparse.ArgumentTypeError(
+                f"payload size {size} must be a multiple of 8 from 16 bytes, and a multiple of "
+                f"{CHUNK // 1024} KiB above that")
+    return sizes
+
+
+def _region_size(text: str) -> int:
+    size = _parse_size(text)
+    if not layout.valid_region_size(size):
+        raise argparse.ArgumentTypeError(f"region size {text} must be a power of two from 1M to 1G")
+    max_record = layout.expected_geometry(size).max_record
+    if max_record < CHUNK:
+        raise argparse.ArgumentTypeError(
+            f"a {text} region holds records of at most {max_record} bytes, less than the benchmark's "
+            f"{CHUNK // 1024} KiB chunks: use 4M or more")
+    return size
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -48,13 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="shorter runs (under a minute)")
     p.add_argument("--json", type=Path, metavar="PATH", help="write one JSON row per measurement")
     p.add_argument("--plot", type=Path, metavar="PATH", help="write a log-log PNG of throughput")
-    p.add_argument("--region-size", type=_parse_size, default=layout.DEFAULT_REGION_SIZE,
+    p.add_argument("--region-size", type=_region_size, default=layout.DEFAULT_REGION_SIZE,
                    help="ivclip region size (default: the broker's, 4M)")
     p.add_argument("--seconds", type=float, default=None,
                    help="time budget per throughput cell (default 0.6, --quick 0.12)")
     p.add_argument("--only", action="append", default=None, metavar="NAME",
                    help="run only transports whose name contains NAME (repeatable)")
-    p.add_argument("--sizes", default=None, help="comma-separated payload sizes (e.g. 64,4K,1M)")
+    p.add_argument("--sizes", type=_sizes, default=None, help="comma-separated payload sizes (e.g. 64,4K,1M)")
     p.add_argument("--repeats", type=int, default=None,
                    help="measured runs per cell, the best is kept (default 2, --quick 1)")
     for part in ("copies", "throughput", "latency", "idle", "gesture"):
@@ -159,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     quick = args.quick
     budget = args.seconds if args.seconds is not None else (0.12 if quick else 0.5)
     repeats = args.repeats if args.repeats is not None else (1 if quick else 2)
-    sizes = [_parse_size(s) for s in args.sizes.split(",")] if args.sizes else list(SIZES)
+    sizes = args.sizes or list(SIZES)
     transports = all_transports(args.region_size)
     if args.only:
         transports = [t for t in transports if any(o in t.name for o in args.only)]
