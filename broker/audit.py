@@ -31,7 +31,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-OUTCOMES = ("ok", "refused", "denied", "failed", "wiped", "approved")
+OUTCOMES = ("ok", "refused", "denied", "failed", "wiped", "approved", "rejected")
 """ok: done; refused: not started (busy, not attached, empty); denied: the policy
 said no; failed: started but did not complete; wiped: the global clipboard was wiped;
 approved: a file transfer the user approved (or sent) passed the policy and starts."""

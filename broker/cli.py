@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import grp
+import hashlib
+import logging
 import os
 import re
 import shlex
@@ -34,7 +36,7 @@ from broker.windows import DEFAULT_RULES, WindowRule, load_rules
 from control.cli import LOG_LEVELS, call, parse_size, positive_size, report, setup_logging
 from control.errors import ControlError
 from control.progress import files_phrase, human_size
-from control.sockets import runtime_dir
+from control.sockets import InstanceLock, runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
 from filexfer.receiver import default_incoming
 from shm import layout
@@ -45,6 +47,8 @@ GESTURE_MARGIN_S = 130.0
 
 SOCKET_ENV = "IVCLIP_BROKER_SOCKET"
 
+
+log = logging.getLogger(__name__)
 
 def default_socket() -> Path:
     """$IVCLIP_BROKER_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/broker.sock."""
@@ -110,17 +114,28 @@ def _rules(path: Path | None) -> list[WindowRule]:
 
 def _hotkeys(args: argparse.Namespace) -> int:
     setup_logging(args.log_level)
+    socket_path = _socket(args)
+    if not socket_path.exists():
+        log.warning("no broker listens on %s yet: gestures fail until one does", socket_path)
     daemon: HotkeyDaemon | sway.SwayHotkeys
+    lock: InstanceLock | None = None
     if os.environ.get("WAYLAND_DISPLAY") and os.environ.get("SWAYSOCK"):
-        # sway's own configuration binds the keys (see broker.sway); --copy/--paste are X11's.
+        if (args.copy, args.paste) != (DEFAULT_COPY, DEFAULT_PASTE):
+            raise ConfigError("under sway the keys are bound in sway's config "
+                              "('bindsym Ctrl+Shift+c nop ivclip copy', see the README); "
+                              "--copy and --paste are for X11")
+        # No grab stops a second daemon here, and both would act on every binding.
+        digest = hashlib.sha256(os.environ["SWAYSOCK"].encode()).hexdigest()[:16]
+        lock = InstanceLock(runtime_dir() / f"hotkeys-sway-{digest}.lock")
+        lock.acquire("hotkeys daemon for this sway session")
         daemon = sway.SwayHotkeys(
             socket_path=os.environ["SWAYSOCK"], rules=_rules(args.window_map),
-            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            send=broker_sender(socket_path), notifier=Notifier(enabled=not args.no_notify),
             focus_guard_s=args.focus_guard_ms / 1000)
     else:
         daemon = HotkeyDaemon(
             display_name=check_x11_session(), rules=_rules(args.window_map),
-            send=broker_sender(_socket(args)), notifier=Notifier(enabled=not args.no_notify),
+            send=broker_sender(socket_path), notifier=Notifier(enabled=not args.no_notify),
             copy=parse_combo(args.copy), paste=parse_combo(args.paste),
             focus_guard_s=args.focus_guard_ms / 1000)
     daemon.install_signal_handlers()
@@ -128,6 +143,8 @@ def _hotkeys(args: argparse.Namespace) -> int:
         daemon.run()
     finally:
         daemon.close()
+        if lock is not None:
+            lock.release()
     return 0
 
 
@@ -385,7 +402,11 @@ def main(argv: list[str] | None = None) -> int:
             reply, _ = call(socket_path, {"op": "reject", "vm": args.vm},
                             timeout_s=GESTURE_MARGIN_S, service="broker")
             return report(reply)
-        if args.focused == (args.vm is not None):
+        if args.focused and args.vm is not None:
+            print(f"error: give a VM or --focused, not both (python -m broker {args.command} VM)",
+                  file=sys.stderr)
+            return 2
+        if not args.focused and args.vm is None:
             print(f"error: name the VM or give --focused (python -m broker {args.command} VM)",
                   file=sys.stderr)
             return 2

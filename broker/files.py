@@ -109,9 +109,10 @@ def allow_all(request: FileRequest) -> str | None:
     return None
 
 
-FileEnded = Callable[[FileRequest, bool, str], None]
-"""Told when a transfer ends: what it was, whether it succeeded, and the message (for the
-audit log, which records completions as well as decisions)."""
+FileEnded = Callable[[FileRequest, str, str], None]
+"""Told when an offer or transfer ends: what it was, the outcome ("ok", "failed", or
+"rejected" by the host user) and the message (for the audit log, which records how
+transfers end as well as the policy's decisions)."""
 
 
 def describe(entries: int, files: int, size: int) -> str:
@@ -216,8 +217,12 @@ class FileTransfers:
             conn.reply({"ok": False, "message": f"{vm.name} has no pending file offer"})
             return
         log.info("%s: file offer #%d rejected", vm.name, number)
-        conn.reply({"ok": True, "message": f"rejected {vm.name}'s offer #{number}: "
-                    f"{describe(offer.entries, offer.files, offer.total_size)}"})
+        message = (f"rejected {vm.name}'s offer #{number}: "
+                   f"{describe(offer.entries, offer.files, offer.total_size)}")
+        if self.on_end is not None:
+            self.on_end(FileRequest(vm.name, "", offer.entries, offer.files, offer.total_size,
+                                    bool(offer.flags & FLAG_MOVE)), "rejected", message)
+        conn.reply({"ok": True, "message": message})
 
     def _endpoint_refusal(self, vm: VmLink, now: float) -> str | None:
         if vm.busy or any(vm in (t.source_vm, t.target_vm) for t in self.transfers):
@@ -523,7 +528,8 @@ class FileTransfers:
         log.info("file transfer: %s (%.1f s)", message, elapsed)
         if self.on_end is not None:
             self.on_end(FileRequest(transfer.source, transfer.target, transfer.entries_total,
-                                    transfer.files_total, transfer.bytes_total, transfer.move), ok, message)
+                                    transfer.files_total, transfer.bytes_total, transfer.move),
+                        "ok" if ok else "failed", message)
         reply: dict[str, Any] = {
             "ok": ok, "message": message, "elapsed_s": round(elapsed, 3), "source": transfer.source,
             "target": transfer.target, "entries": transfer.entries_total, "files": transfer.files_total,

@@ -77,10 +77,10 @@ def check_x11_session(environ: Mapping[str, str] = os.environ) -> str:
     """
     if environ.get("WAYLAND_DISPLAY"):
         raise ConfigError(
-            "this is a Wayland session: the focused window cannot be determined through X11; "
-            "bind the compositor's shortcuts to 'python -m broker copy VM' and "
-            "'python -m broker paste VM' instead, or under sway to 'copy --focused' and "
-            "'paste --focused' (see the README)")
+            "this is a Wayland session: the focused window cannot be determined through X11, and "
+            "$SWAYSOCK is not set (under sway it points at sway's IPC socket); elsewhere bind the "
+            "compositor's shortcuts to 'python -m broker copy VM' and 'python -m broker paste VM' "
+            "(see the README)")
     display = environ.get("DISPLAY")
     if not display:
         raise ConfigError("no X display: $DISPLAY is not set")

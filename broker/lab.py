@@ -92,7 +92,14 @@ class HostLab:
         self._wait_for(lambda: self.socket.exists(), 20, "the broker's socket")
 
     def start_guest(self, vm: str, *extra: str, env: dict[str, str] | None = None) -> None:
-        """Start `vm`'s driver; `env` replaces the environment (e.g. its own DISPLAY)."""
+        """Start `vm`'s driver; `env` replaces the environment (e.g. its own DISPLAY).
+
+        Raises:
+            RuntimeError: `vm`'s driver is running already (it would be left behind).
+        """
+        running = self.guests.get(vm)
+        if running is not None and running.poll() is None:
+            raise RuntimeError(f"{vm}'s driver is running already; stop it first")
         self.guests[vm] = self._spawn(
             ["-m", "guestdrv", "run", "--device", str(self.region_path(vm)),
              "--socket", str(self.guest_socket(vm)), *extra], f"guest-{vm}.log", env)

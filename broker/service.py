@@ -209,6 +209,8 @@ class Broker:
         self.audit.close()
         for vm in self.vms.values():
             vm.shutdown(unlink=self.config.unlink_on_exit)
+        if self.vms:
+            log.info("stopped: global clipboard and the regions of %s wiped", ", ".join(self.vms))
         self.vms.clear()
         if self._server is not None:
             self._server.close()
@@ -306,8 +308,8 @@ class Broker:
             after = "global clipboard wiped"
         message = f"paste to {vm.name} {verb}, nothing pasted: {reason}; {after}"
         log.info("gesture paste %s: %s", vm.name, message)
-        self.audit.record("paste", source=source, target=vm.name, size=size, outcome="denied",
-                          reason=message)
+        self.audit.record("paste", source=source, target=vm.name, size=size,
+                          outcome="refused" if verb == "REFUSED" else "denied", reason=message)
         return {"ok": False, "denied": True, "message": message}
 
     def _decide_file(self, request: FileRequest) -> str | None:
@@ -317,12 +319,12 @@ class Broker:
         outcome = "approved" if decision.allow else "denied"
         self.audit.record("file", source=request.source, target=request.target,
                           size=request.total_size, outcome=outcome, reason=decision.reason)
-        return None if decision.allow else f"denied by policy ({decision.reason})"
+        return None if decision.allow else decision.reason
 
-    def _file_ended(self, request: FileRequest, ok: bool, message: str) -> None:
-        """The audit's second record of a file transfer: how it ended."""
-        self.audit.record("file", source=request.source, target=request.target,
-                          size=request.total_size, outcome="ok" if ok else "failed", reason=message)
+    def _file_ended(self, request: FileRequest, outcome: str, message: str) -> None:
+        """The audit's record of how a file offer or transfer ended."""
+        self.audit.record("file", source=request.source, target=request.target or None,
+                          size=request.total_size, outcome=outcome, reason=message)
 
     # Gestures --------------------------------------------------------------
     def _on_request(self, conn: Connection, frame: Frame) -> None:
@@ -400,8 +402,9 @@ class Broker:
         del self._gestures[vm.name]
         reply = self._conclude(vm, event, gesture.limit)
         log.info("gesture %s %s: %s", gesture.kind, vm.name, reply["message"])
-        self._audit(gesture, vm.name, "ok" if reply["ok"] else "failed", reply["message"],
-                    size=reply.get("size", getattr(event, "size", None)))
+        # A paste's size is the content's (the event's may count the container around it).
+        size = reply.get("size", gesture.size if gesture.kind == "paste" else getattr(event, "size", None))
+        self._audit(gesture, vm.name, "ok" if reply["ok"] else "failed", reply["message"], size=size)
         if self._wipe_after_paste and not self._paste_in_flight():
             self._wipe_after_paste = False
             self.clipboard.wipe()

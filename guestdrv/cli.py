@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import stat
 import sys
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from guestdrv.clipboard import make_backend
 from guestdrv.driver import GuestDriver
 from guestdrv.errors import ClipboardError
 from protocol.clipformat import TEXT_MIME, TextPolicy
+from shm import layout
 
 DEFAULT_LIMIT = 16 << 20
 
@@ -28,6 +30,24 @@ SOCKET_ENV = "IVCLIP_GUEST_SOCKET"
 def default_socket() -> Path:
     """$IVCLIP_GUEST_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/guest.sock."""
     return Path(os.environ.get(SOCKET_ENV) or runtime_dir() / "guest.sock")
+
+
+def device_problem(device: Path | None) -> str | None:
+    """Why `device` can never be an ivclip region, or None.  A missing or empty file may
+    be a region the broker has not created yet (the driver waits for it); a directory, or
+    a file with another size, is a mistake."""
+    if device is None:
+        return None
+    try:
+        st = device.stat()
+    except OSError:
+        return None
+    if stat.S_ISDIR(st.st_mode):
+        return f"--device {device} is a directory, not a region file"
+    if stat.S_ISREG(st.st_mode) and st.st_size and not layout.valid_region_size(st.st_size):
+        return (f"--device {device} is {st.st_size} bytes; an ivclip region is a power of two "
+                f"from {layout.MIN_REGION_SIZE} to {layout.MAX_REGION_SIZE} bytes")
+    return None
 
 
 def status_text(status: dict[str, Any]) -> str:
@@ -115,6 +135,10 @@ def main(argv: list[str] | None = None) -> int:
         socket_path = Path(args.socket) if args.socket else default_socket()
         if args.command == "run":
             setup_logging(args.log_level)
+            problem = device_problem(args.device)
+            if problem:
+                print(f"error: {problem}", file=sys.stderr)
+                return 2
             try:
                 clipboard = make_backend(args.clipboard)
             except ClipboardError as exc:

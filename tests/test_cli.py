@@ -117,6 +117,14 @@ def test_a_guest_driver_on_a_missing_device_waits_with_a_reason(tmp_path: Path) 
         assert proc.wait(10) == 0
 
 
+def test_a_device_that_can_never_be_a_region_is_refused_at_once(tmp_path: Path) -> None:
+    (tmp_path / "hostname").write_bytes(b"vm\n")
+    for device, words in ((tmp_path / "hostname", "is 3 bytes; an ivclip region is a power of two"),
+                          (tmp_path, "is a directory")):
+        result = run("-m", "guestdrv", "run", "--device", str(device), "--socket", str(tmp_path / "g.sock"))
+        assert result.returncode == 2 and words in result.stderr and "Traceback" not in result.stderr
+
+
 @pytest.mark.parametrize("args", [["run", "--limit", "0"], ["run", "--log-level", "loud"]])
 def test_bad_guest_arguments_get_a_usage_error(args: list[str]) -> None:
     result = run("-m", "guestdrv", *args)

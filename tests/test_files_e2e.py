@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from broker.audit import read_audit
 from broker.lab import HostLab
 from protocol.messages import (
     EntryType,
@@ -151,6 +152,9 @@ def test_reject_and_a_stale_offer_number(lab: HostLab, tmp_path: Path) -> None:
     assert wrong.returncode == 1 and "check status again" in wrong.stderr
     refused = lab.broker_cmd("reject", "alice")
     assert refused.returncode == 0 and f"rejected alice's offer #{offer['offer']}" in refused.stdout
+    last = read_audit(lab.audit_path)[-1]
+    assert (last["gesture"], last["source"], last["target"], last["size"], last["outcome"]) == (
+        "file", "alice", None, 1, "rejected")
     code, text = send.result()
     assert code == 1 and "rejected" in text
     assert not (incoming(lab, "bob") / "secret.txt").exists()

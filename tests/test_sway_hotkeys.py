@@ -157,3 +157,15 @@ def test_a_window_of_no_vm_gets_no_gesture(desk: SwayDesk) -> None:
              "the daemon to say so")
     assert len(desk.gestures()) == before
     desk.session.command("workspace 1")
+
+
+@pytest.mark.parametrize(("args", "words"), [
+    ([], "another hotkeys daemon for this sway session is already running"),
+    (["--copy", "ctrl+alt+c"], "under sway the keys are bound in sway's config"),
+])
+def test_a_second_daemon_and_x11_key_options_are_refused(desk: SwayDesk, args: list[str], words: str) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "broker", "hotkeys", "--socket", str(desk.lab.socket), "--no-notify", *args],
+        env=desk.session.env(), capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and words in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr

@@ -117,7 +117,7 @@ def test_the_policy_files_text_policy_refuses_before_any_byte_moves(tmp_path: Pa
         lab.pump(20)
         assert lab.clipboard_of("bob") is None
         assert trace_of(trick, lab.region_path("bob").read_bytes()) is None
-        assert [r["outcome"] for r in read_audit(lab.audit_path)][-1] == "denied"
+        assert [r["outcome"] for r in read_audit(lab.audit_path)][-1] == "refused"
         # Valid text passes the same check, and carol (permissive) takes the trick as it is.
         assert lab.gesture("paste", "carol")["ok"] and lab.clipboard_of("carol") == trick
         lab.set_clipboard("alice", "caf\u00e9 \u2014 ok\r\n".encode(), TEXT_MIME)
@@ -280,6 +280,7 @@ def test_the_policy_file_decides_file_transfers_too_and_they_are_audited(tmp_pat
         assert (tmp_path / "in-bob" / "host" / "small.txt").read_bytes() == b"x" * 100
         too_big = lab.broker_cmd("send", "bob", str(source / "big.txt"))
         assert too_big.returncode == 1 and "denied by policy" in too_big.stderr
+        assert "denied by policy (denied" not in too_big.stderr  # said once
         denied = lab.broker_cmd("send", "alice", str(source / "small.txt"))
         assert denied.returncode == 1 and "denied by policy" in denied.stderr
         assert not (tmp_path / "in-alice").exists() or not any((tmp_path / "in-alice").rglob("*.txt"))
