@@ -33,7 +33,7 @@ from broker.notify import Notifier
 from broker.policy import ALLOW_ALL, load_policy
 from broker.service import DEFAULT_CLIPBOARD_LIMIT, DEFAULT_TIMEOUT_S, Broker, BrokerConfig
 from broker.windows import DEFAULT_RULES, WindowRule, load_rules
-from control.cli import LOG_LEVELS, call, parse_size, positive_size, report, setup_logging
+from control.cli import LOG_LEVELS, call, parse_command_line, parse_size, positive_size, report, setup_logging
 from control.errors import ControlError
 from control.progress import files_phrase, human_size
 from control.sockets import InstanceLock, runtime_dir
@@ -361,7 +361,7 @@ def _gesture(args: argparse.Namespace, socket_path: Path, notifier: Notifier) ->
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         if args.command == "serve":
             return _serve(args)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from control.cli import LOG_LEVELS, call, positive_size, report, setup_logging
+from control.cli import LOG_LEVELS, call, parse_command_line, positive_size, report, setup_logging
 from control.errors import ControlError
 from control.sockets import runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
@@ -130,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_command_line(build_parser(), argv)
     try:
         socket_path = Path(args.socket) if args.socket else default_socket()
         if args.command == "run":

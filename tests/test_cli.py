@@ -174,3 +174,13 @@ def test_the_socket_comes_from_the_environment_unless_given(
     result = subprocess.run([sys.executable, "-m", module, "status", "--socket", str(given)],
                             capture_output=True, text=True, env=env, timeout=60)
     assert str(given) in result.stderr and "from-env" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(("module", "args", "usage"), [
+    ("broker", ["paste", "bob", "--bogus"], "usage: python -m broker paste"),
+    ("guestdrv", ["status", "--bogus"], "usage: python -m guestdrv status"),
+])
+def test_an_unknown_option_gets_the_subcommands_usage(module: str, args: list[str], usage: str) -> None:
+    result = run("-m", module, *args)
+    assert result.returncode == 2 and result.stderr.startswith(usage), result.stderr
+    assert "unrecognized arguments: --bogus" in result.stderr and "Traceback" not in result.stderr
