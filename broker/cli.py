@@ -39,16 +39,17 @@ from control.progress import files_phrase, human_size
 from control.sockets import InstanceLock, runtime_dir
 from filexfer.cli import paths_body, scan_sources, summary, wait_for_outcome
 from filexfer.receiver import default_incoming
+from protocol.channel import capabilities_label
 from shm import layout
 from shm.errors import RegionError
 
 GESTURE_MARGIN_S = 130.0
 
 
+log = logging.getLogger(__name__)
+
 SOCKET_ENV = "IVCLIP_BROKER_SOCKET"
 
-
-log = logging.getLogger(__name__)
 
 def default_socket() -> Path:
     """$IVCLIP_BROKER_SOCKET if set, else $XDG_RUNTIME_DIR/ivclip/broker.sock."""
@@ -300,8 +301,7 @@ def _print_status(reply: dict[str, Any]) -> None:
     print(f"{'VM':<16} {'STATE':<16} {'HEARTBEAT':>9} {'CAPS':<5} {'TRANSFER':<22} {'DROPPED':>7}  FAULT")
     for vm in reply.get("vms", []):
         age = vm["heartbeat_age_s"]
-        caps = vm["capabilities"]
-        caps_text = "".join(c if caps & bit else "-" for bit, c in ((1, "C"), (2, "P"), (4, "F"), (8, "T")))
+        caps_text = capabilities_label(vm["capabilities"])
         print(f"{vm['name']:<16} {vm['state']:<16} {'-' if age is None else f'{age:.1f}s':>9} "
               f"{caps_text:<5} {vm['transfer']:<22} {vm['dropped']:>7}  "
               f"{vm['last_fault'] or vm.get('region_problem') or '-'}")

@@ -415,6 +415,12 @@ class FileTransfers:
                                   who="the broker", failed_side="host")
                         break
                 elif transfer.receiver is not None:
+                    if source is not None and type(message) is FileChunk:
+                        # The receiver hashes the data and writes it: two reads, so it gets a
+                        # private copy, made once (and guarded like every broker access).
+                        mem, view = source.region.mem, memoryview(message.data)
+                        data = mem.read(mem.offset_of(view), view.nbytes)
+                        message = FileChunk(message.transfer_id, message.offset, data)
                     result = transfer.receiver.feed(message)
                     if result is not None:
                         self._end(transfer, result, who="the host")

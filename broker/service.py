@@ -295,9 +295,9 @@ class Broker:
             refusal = text_refusal(self.config.policy, vm.name, clipformat.parse(self.clipboard.data))
             if refusal is None:
                 return None
-            reason, verb = refusal, "REFUSED"
+            reason, outcome = refusal, "refused"
         else:
-            reason, verb = decision.reason, "DENIED"
+            reason, outcome = decision.reason, "denied"
         if self.config.policy.keep_on_deny:
             after = "global clipboard kept"
         elif self._paste_in_flight():
@@ -306,10 +306,10 @@ class Broker:
         else:
             self.clipboard.wipe()
             after = "global clipboard wiped"
-        message = f"paste to {vm.name} {verb}, nothing pasted: {reason}; {after}"
+        message = f"paste to {vm.name} {outcome.upper()}, nothing pasted: {reason}; {after}"
         log.info("gesture paste %s: %s", vm.name, message)
-        self.audit.record("paste", source=source, target=vm.name, size=size,
-                          outcome="refused" if verb == "REFUSED" else "denied", reason=message)
+        self.audit.record("paste", source=source, target=vm.name, size=size, outcome=outcome,
+                          reason=message)
         return {"ok": False, "denied": True, "message": message}
 
     def _decide_file(self, request: FileRequest) -> str | None:

@@ -18,6 +18,7 @@ from filexfer.receiver import default_incoming
 from guestdrv.clipboard import make_backend
 from guestdrv.driver import GuestDriver
 from guestdrv.errors import ClipboardError
+from protocol.channel import capabilities_label
 from protocol.clipformat import TEXT_MIME, TextPolicy
 from shm import layout
 
@@ -53,9 +54,8 @@ def device_problem(device: Path | None) -> str | None:
 def status_text(status: dict[str, Any]) -> str:
     """The driver's status for a person, as `broker status` prints the broker's."""
     if status.get("attached"):
-        caps = int(status.get("capabilities") or 0)
-        caps_text = "".join(c if caps & bit else "-" for bit, c in ((1, "C"), (2, "P"), (4, "F"), (8, "T")))
-        lines = [f"attached to {status['device']} (session {status['session']}), capabilities {caps_text}"]
+        caps = capabilities_label(int(status.get("capabilities") or 0))
+        lines = [f"attached to {status['device']} (session {status['session']}), capabilities {caps}"]
     else:
         lines = [f"not attached: {status.get('waiting_for') or 'looking for the ivclip device'}"]
     lines.append(f"clipboard: {status['clipboard']}, text policy {status['text_policy']}; copies answered "

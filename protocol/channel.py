@@ -68,6 +68,14 @@ CAP_FILES_FROM = 1 << 2
 """Capability bit: the broker takes this VM's approved file stream now."""
 CAP_FILES_TO = 1 << 3
 """Capability bit: the broker is streaming files to this VM."""
+
+
+def capabilities_label(caps: int) -> str:
+    """The bits for people, as the status commands print them: "C-F-" (Copy, Paste,
+    Files from, files To; "-" for a bit that is off)."""
+    letters = ((CAP_COPY_FROM, "C"), (CAP_PASTE_TO, "P"), (CAP_FILES_FROM, "F"), (CAP_FILES_TO, "T"))
+    return "".join(letter if caps & bit else "-" for bit, letter in letters)
+
 FILE_IDLE_TIMEOUT_S = 60.0
 """A file transfer fails after this long without a record moving either way.  Longer than
 the clipboard's timeout: a receiver may spend a while making a big transfer durable.  A

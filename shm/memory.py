@@ -135,6 +135,18 @@ class SharedBuffer:
         lib.ivc_store_release_u32(self._ptr, offset, value)
 
     # Bulk data -----------------------------------------------------------
+    def offset_of(self, view: memoryview) -> int:
+        """Where a view into this buffer (from peek, say) starts: an offset for :meth:`read`.
+
+        Raises:
+            IndexError: the view does not lie inside this buffer.
+        """
+        if self._ptr is None:
+            raise ValueError("the shared buffer is closed")
+        start = int(ffi.cast("uintptr_t", ffi.from_buffer(view))) - int(ffi.cast("uintptr_t", self._ptr))
+        self._check(start, view.nbytes)
+        return start
+
     def read(self, offset: int, length: int) -> bytes:
         """Copy `length` bytes out into private memory (one fetch of peer data)."""
         self._check(offset, length)

@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from protocol.channel import (
     CAP_COPY_FROM,
+    CAP_FILES_TO,
     CAP_PASTE_TO,
     CopyCompleted,
     CopyFailed,
@@ -30,6 +31,7 @@ from protocol.channel import (
     PasteCompleted,
     PasteFailed,
     PasteReceived,
+    capabilities_label,
 )
 from protocol.errors import LocalProtocolError, RemoteProtocolError
 from protocol.messages import (
@@ -737,3 +739,9 @@ def test_any_transfer_round_trips_or_is_refused_cleanly(data, chunk, limit, dire
         assert ln.pasted == [data]
     chunks = [m for m in ln.to_host + ln.to_guest if isinstance(m, DataChunk)]
     assert all(0 < len(c.data) <= chunk for c in chunks)
+
+
+def test_capabilities_read_as_letters() -> None:
+    assert capabilities_label(0) == "----"
+    assert capabilities_label(CAP_COPY_FROM) == "C---"
+    assert capabilities_label(CAP_PASTE_TO | CAP_FILES_TO) == "-P-T"

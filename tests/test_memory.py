@@ -110,3 +110,15 @@ def test_lengths_array_is_a_private_checked_copy():
         lengths_array([1, -1])
     with pytest.raises(OverflowError):
         lengths_array([1 << 32])
+
+
+def test_offset_of_a_view_inside_the_buffer_and_not_outside() -> None:
+    buf = bytearray(8192)
+    mem = SharedBuffer(buf)
+    try:
+        assert mem.offset_of(mem.view[4096:4100]) == 4096
+        assert mem.read(mem.offset_of(mem.view[10:12]), 2) == b"\0\0"
+        with pytest.raises(IndexError):
+            mem.offset_of(memoryview(bytearray(16)))
+    finally:
+        mem.close()
