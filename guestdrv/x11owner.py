@@ -233,11 +233,18 @@ class SelectionOwner:
         return getattr(owner, "id", owner) == self._window.id
 
     def release(self) -> None:
-        """Give the selection up if it is still ours (ICCCM 2.3.1: None, with our timestamp)."""
+        """Give the selection up if it is still ours (ICCCM 2.3.1: None, with our timestamp),
+        and deliver everything still queued.
+
+        The round trip sends the last, empty chunk of a transfer that ended after the
+        selection was lost: the X connection's close does not, as python-xlib's flush
+        may return before its queue is out, and a requestor without a timeout (xclip)
+        would wait for that chunk forever.
+        """
         if not self.lost and self.owns():
             nobody = self.display.create_resource_object("window", X.NONE)
             nobody.set_selection_owner(self._clipboard, self.time)
-            self.display.sync()
+        self.display.sync()
 
     # The loop ------------------------------------------------------------------
     def serve(self, wake_fd: int, stopping: Callable[[], bool], parent_fd: int | None = None) -> str:

@@ -271,6 +271,32 @@ def test_a_requestor_that_stops_reading_is_abandoned_while_others_are_served(
     assert xclip_out(PNG_MIME) == data
 
 
+def test_a_transfer_in_flight_when_the_clipboard_is_lost_is_finished_to_its_end(
+        serve: Callable[..., Owner], requestor: Requestor, xserver: XServer) -> None:
+    """ICCCM 2.3: the owner finishes the transfer, and its last, empty chunk reaches the
+    requestor before the owner exits (a requestor without a timeout, as xclip is, would
+    otherwise wait for it forever)."""
+    data = os.urandom(20_000)
+    owner = serve([ClipItem(PNG_MIME, data)], "--chunk", "1000", "--incr-timeout", "60")
+    prop = requestor.ask(PNG_MIME)
+    assert requestor.take(prop)[0] == requestor.atom("INCR")
+    thief = Requestor(xserver)  # Ctrl-C in another application
+    thief.win.set_selection_owner(thief.clipboard, X.CurrentTime)
+    thief.d.sync()
+    received = bytearray()
+    while True:
+        assert requestor.next_chunk(prop), f"the transfer stalled after {len(received)} bytes"
+        chunk = requestor.take(prop)[1]
+        assert isinstance(chunk, bytes)
+        if not chunk:
+            break
+        received += chunk
+    assert bytes(received) == data
+    assert owner.proc.wait(10) == 0
+    assert "stopped serving the clipboard: another client took the clipboard" in owner.log_text()
+    thief.close()
+
+
 def test_transfers_in_flight_are_bounded(serve: Callable[..., Owner], requestor: Requestor,
                                          xclip_out: XclipOut) -> None:
     data = os.urandom(5000)
