@@ -393,11 +393,10 @@ def main(argv: list[str] | None = None) -> int:
             found = scan_sources(args.paths, move=args.move)
             if found is None:
                 return 1
-            print(f"sending {summary(found)} to {args.vm}", file=sys.stderr)
             return wait_for_outcome(socket_path, {
                 "op": "send", "vm": args.vm, "move": args.move, "entries": found.entries,
                 "files": found.files, "total_size": found.total_size}, paths_body(found), service="broker",
-                as_json=args.json)
+                as_json=args.json, announce=f"sending {summary(found)} to {args.vm}")
         if args.command == "reject":
             reply, _ = call(socket_path, {"op": "reject", "vm": args.vm},
                             timeout_s=GESTURE_MARGIN_S, service="broker")

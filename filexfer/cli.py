@@ -64,16 +64,25 @@ def paths_body(found: Scan) -> bytes:
 
 
 def wait_for_outcome(socket_path: Path, header: dict[str, Any], body: bytes = b"", *,
-                     service: str, as_json: bool = False) -> int:
+                     service: str, as_json: bool = False, announce: str | None = None) -> int:
     """Send a long request; show its progress on a terminal; print its outcome.
 
     Returns the exit code: 0 on success, 1 on failure, 130 after Ctrl-C (which
     closes the connection: the other side cancels the transfer).  `as_json`
     prints the whole final reply (with ``elapsed_s``) instead of its message.
+    `announce` goes to standard error with the first progress report, once the
+    other side has taken the request on (a refusal is said alone).
     """
     bar = ProgressBar()
+    pending = [announce] if announce else []
+
+    def on_progress(report: dict[str, Any]) -> None:
+        if pending:
+            print(pending.pop(), file=sys.stderr)
+        bar.update(report)
+
     try:
-        frame = request_with_progress(socket_path, header, body, on_progress=bar.update)
+        frame = request_with_progress(socket_path, header, body, on_progress=on_progress)
     except KeyboardInterrupt:
         bar.close()
         print("cancelled", file=sys.stderr)

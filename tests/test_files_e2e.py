@@ -181,6 +181,14 @@ def test_host_to_guest_and_guest_to_host(lab: HostLab, tmp_path: Path) -> None:
     assert (lab.workdir / "in-host" / "alice" / "a.bin").read_bytes() == (top / "a.bin").read_bytes()
 
 
+def test_a_send_to_an_unknown_vm_says_only_why_it_was_refused(lab: HostLab, tmp_path: Path) -> None:
+    top = make_tree(tmp_path / "nowhere", {"x": b"x"})
+    sent = lab.broker_cmd("send", "carol", str(top))
+    assert sent.returncode == 1
+    assert sent.stderr.startswith("unknown VM 'carol'; this broker serves"), output(sent)
+    assert "sending" not in sent.stderr  # not announced before the broker took it on
+
+
 def test_move_deletes_the_sources_only_after_confirmation(lab: HostLab, tmp_path: Path) -> None:
     top = make_tree(tmp_path / "moving", {"one": b"1", "deep/two": b"2"})
     send = Send(lab, "alice", "--move", str(top))
