@@ -17,7 +17,11 @@ wherever the ring wraps.  Each record is checked against the approved stream
 (order, sizes, counts: protocol.filestream) on the way, and chunk data is
 copied once, from the source's ring straight into the target's ring (or into
 the host file).  A source that breaks the stream is marked faulty like any
-other protocol breach.
+other protocol breach.  The relay never reads a source's record through its
+view: fields come from one guarded copy, and the chunk data's one copy is
+guarded on both mappings, so a region file truncated from outside during a
+transfer fails the transfer and marks its VM faulty instead of killing the
+broker with SIGBUS.
 
 A transfer ends once, in :meth:`FileTransfers._end`: the receiver's verdict
 goes back to a source VM, a target is told to cancel when the source failed,
@@ -27,6 +31,7 @@ commands get one line each.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import selectors
@@ -65,11 +70,14 @@ from protocol.messages import (
     FileChunk,
     FileCode,
     FileResult,
+    Kind,
+    Message,
     StreamMessage,
     decode,
     encode_stream,
 )
-from shm.errors import RingCorruptError
+from shm.errors import BackingLostError, RingCorruptError
+from shm.memory import SharedBuffer
 from shm.ring import record_span
 
 log = logging.getLogger(__name__)
@@ -418,6 +426,7 @@ class FileTransfers:
                     if source is not None and type(message) is FileChunk:
                         # The receiver hashes the data and writes it: two reads, so it gets a
                         # private copy, made once (and guarded like every broker access).
+                        self._culprit = source
                         mem, view = source.region.mem, memoryview(message.data)
                         data = mem.read(mem.offset_of(view), view.nbytes)
                         message = FileChunk(message.transfer_id, message.offset, data)
@@ -430,12 +439,20 @@ class FileTransfers:
         except (RingCorruptError, RemoteProtocolError) as exc:
             assert self._culprit is not None
             self._fault(transfer, self._culprit, exc, now)
+        except BackingLostError as exc:
+            # A region file was truncated from outside: the error says whose mapping faulted.
+            ends = [vm for vm in (source, target) if vm is not None]
+            culprit = next((vm for vm in ends if vm.region.mem is exc.buffer), self._culprit or ends[0])
+            self._fault(transfer, culprit, exc, now)
         finally:
             # Hand back the source's space and publish the target's records once per round.
-            if source is not None and source.attachment(now) is not Attachment.FAULTY:
-                source.consumer.release()
-            if target is not None and target.attachment(now) is not Attachment.FAULTY:
-                target.producer.publish()
+            # A file truncated meanwhile: its VM's next round finds the size changed and faults it.
+            with contextlib.suppress(BackingLostError):
+                if source is not None and source.attachment(now) is not Attachment.FAULTY:
+                    source.consumer.release()
+            with contextlib.suppress(BackingLostError):
+                if target is not None and target.attachment(now) is not Attachment.FAULTY:
+                    target.producer.publish()
         return moved > 0
 
     def _next_record(self, transfer: Transfer, source: VmLink | None, room: int,
@@ -463,13 +480,12 @@ class FileTransfers:
             if kind in STREAM_KINDS:
                 if 0 <= room < 2 * record_span(view.nbytes):
                     return None  # the target is full: the record waits in the source's ring
-                # decode reads each field once; chunk data stays in the ring, copied once later.
-                message = decode(kind, view)
+                message = _decode_in_ring(source.region.mem, kind, view)
                 if message.transfer_id == source.channel.transfer_id:  # type: ignore[union-attr]
                     source.channel.take_stream(message, now)  # type: ignore[arg-type]
                     return message  # type: ignore[return-value]
             else:
-                message = decode(kind, bytes(view))
+                message = decode(kind, source.region.mem.read(source.region.mem.offset_of(view), view.nbytes))
             # Not a record of the approved stream: what the channel makes of it.
             source.consumer.consume(release=False)
             for event in source.channel.receive(message, now):
@@ -582,3 +598,23 @@ def _draw_id() -> int:
 
 _LARGEST_ENTRY = FILE_ENTRY_HEADER_SIZE + 2 * MAX_PATH
 """The largest FileEntry record: the host sender's next record may be one."""
+
+
+def _decode_in_ring(mem: SharedBuffer, kind: int, view: memoryview) -> Message:
+    """Decode a stream record that stays in the source's ring until it is relayed.
+
+    Its fields come from one guarded copy (each read once, and a truncated file
+    raises BackingLostError there instead of SIGBUS in Python); a chunk's data
+    stays a view, whose one copy (into the target's ring or the host receiver's
+    buffer) is guarded too.
+
+    Raises:
+        RemoteProtocolError: the record does not decode.
+        BackingLostError: the source's file was truncated under the record.
+    """
+    at = mem.offset_of(view)
+    if kind == Kind.FILE_CHUNK:
+        head = decode(kind, mem.read(at, min(view.nbytes, CHUNK_HEADER_SIZE)))
+        assert isinstance(head, FileChunk)
+        return FileChunk(head.transfer_id, head.offset, view[CHUNK_HEADER_SIZE:])
+    return decode(kind, mem.read(at, view.nbytes))

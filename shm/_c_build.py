@@ -21,6 +21,9 @@ mapping it touches in a thread-local slot; the SIGBUS handler jumps back out
 of the access when the faulting address lies in that mapping, and the function
 returns -1.  Any other SIGBUS is passed on to whatever handler was there
 before (by default: the process dies, as it would have without us).
+``ivc_g_copy2`` guards a copy between two such mappings (the broker relays a
+file chunk from one VM's ring to another's) and returns -1 or -2 for a fault
+in the first or the second.
 """
 
 from cffi import FFI
@@ -52,6 +55,8 @@ int ivc_g_load_u32(const char *base, size_t size, size_t offset, uint32_t *out);
 int ivc_g_store_u64(char *base, size_t size, size_t offset, uint64_t value);
 int ivc_g_store_u32(char *base, size_t size, size_t offset, uint32_t value);
 int ivc_g_copy(char *dst, const char *src, size_t n, const char *base, size_t size);
+int ivc_g_copy2(char *dst, const char *src, size_t n, const char *base, size_t size,
+                const char *base2, size_t size2);
 int ivc_g_zero(char *dst, size_t n, const char *base, size_t size);
 """
 
@@ -334,8 +339,8 @@ int ivc_ring_get(const char *ring, uint64_t capacity, uint64_t max_record,
 
 struct ivc_guard {
     sigjmp_buf env;
-    const char *lo;
-    const char *hi;
+    const char *lo[2];      /* the guarded mappings; an unused one is [NULL, NULL) */
+    const char *hi[2];
 };
 
 /* initial-exec: the handler must not make glibc allocate a TLS block. */
@@ -348,9 +353,13 @@ static void ivc_on_bus(int sig, siginfo_t *info, void *uctx)
     struct ivc_guard *g = ivc_guard_now;
     const char *addr = (const char *)info->si_addr;
 
-    if (g != NULL && addr >= g->lo && addr < g->hi) {
-        ivc_guard_now = NULL;
-        siglongjmp(g->env, 1);
+    if (g != NULL) {
+        for (int i = 0; i < 2; i++) {
+            if (addr >= g->lo[i] && addr < g->hi[i]) {
+                ivc_guard_now = NULL;
+                siglongjmp(g->env, i + 1);  /* sigsetjmp returns which mapping faulted */
+            }
+        }
     }
     /* Not one of our guarded accesses: behave as if we were not installed. */
     if (ivc_prev_bus.sa_flags & SA_SIGINFO) {
@@ -384,14 +393,26 @@ int ivc_guard_install(void)
     return 0;
 }
 
-#define IVC_GUARD(base, size)                                   \
+static inline void ivc_guard_range(struct ivc_guard *g, int i, const char *base, size_t size)
+{
+    g->lo[i] = base;
+    g->hi[i] = base != NULL ? base + size : NULL;
+}
+
+/* Returns -1 from the function on a fault in [base, base + size), -2 on one in
+   [base2, base2 + size2). */
+#define IVC_GUARD2(base, size, base2, size2)                    \
     struct ivc_guard guard;                                     \
-    guard.lo = (base);                                          \
-    guard.hi = (base) + (size);                                 \
-    if (sigsetjmp(guard.env, 0))                                \
-        return -1;                                              \
+    int faulted;                                                \
+    ivc_guard_range(&guard, 0, (base), (size));                 \
+    ivc_guard_range(&guard, 1, (base2), (size2));               \
+    faulted = sigsetjmp(guard.env, 0);                          \
+    if (faulted)                                                \
+        return -faulted;                                        \
     ivc_guard_now = &guard;                                     \
     __atomic_signal_fence(__ATOMIC_SEQ_CST)
+
+#define IVC_GUARD(base, size) IVC_GUARD2(base, size, NULL, 0)
 
 #define IVC_UNGUARD()                                           \
     __atomic_signal_fence(__ATOMIC_SEQ_CST);                    \
@@ -432,6 +453,15 @@ int ivc_g_store_u32(char *base, size_t size, size_t offset, uint32_t value)
 int ivc_g_copy(char *dst, const char *src, size_t n, const char *base, size_t size)
 {
     IVC_GUARD(base, size);
+    ivc_copy(dst, src, n);
+    IVC_UNGUARD();
+    return 0;
+}
+
+int ivc_g_copy2(char *dst, const char *src, size_t n, const char *base, size_t size,
+                const char *base2, size_t size2)
+{
+    IVC_GUARD2(base, size, base2, size2);
     ivc_copy(dst, src, n);
     IVC_UNGUARD();
     return 0;

@@ -46,8 +46,14 @@ class RegionBusyError(RegionError):
 class BackingLostError(RegionError):
     """An access to a mapping hit a page past the end of its (truncated) backing file.
 
-    Raised instead of dying of SIGBUS, by :class:`shm.memory.GuardedBuffer`.
+    Raised instead of dying of SIGBUS, by :class:`shm.memory.GuardedBuffer`;
+    `buffer` is the one whose mapping lost its pages (for a copy between two
+    mappings, the side that faulted).
     """
+
+    def __init__(self, message: str, buffer: object = None) -> None:
+        super().__init__(message)
+        self.buffer = buffer
 
 
 class LayoutError(ShmError):

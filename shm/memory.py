@@ -15,13 +15,16 @@ prints the comparison).
 which turns a SIGBUS (the backing file was truncated under the mapping by
 another process) into :class:`~shm.errors.BackingLostError` instead of
 killing the process.  Its zero-copy :attr:`~SharedBuffer.view` is not guarded:
-the broker does not use it.
+whoever reads a view of it must copy through a guarded access instead of reading
+it (the broker's file relay copies a chunk from one VM's view into another VM's
+ring with :meth:`GuardedBuffer.write`, which guards both mappings).
 """
 
 from __future__ import annotations
 
 import logging
 import struct
+import weakref
 from array import array
 from collections.abc import Sequence
 from typing import Any, Union
@@ -295,15 +298,27 @@ def lengths_array(lengths: Sequence[int] | Buffer) -> tuple[Any, int, int, int]:
     return array, count, max(values), sum(values)
 
 
+_GUARDED: weakref.WeakSet[GuardedBuffer] = weakref.WeakSet()
+"""Every open GuardedBuffer: a copy from one of them into another is guarded on both sides."""
+
+
+def _address(pointer: Any) -> int:
+    return int(ffi.cast("uintptr_t", pointer))
+
+
 class GuardedBuffer(SharedBuffer):
     """A :class:`SharedBuffer` whose every access survives a truncated backing file.
+
+    A :meth:`write` or :meth:`read_into` whose other side lies in another open
+    GuardedBuffer (a view of it) is guarded on that side too, and a fault there
+    is reported as that buffer's.
 
     Raises (every access method):
         IndexError: the access lies outside the buffer.
         BackingLostError: the pages under the access are gone (SIGBUS caught).
     """
 
-    __slots__ = ("_u32", "_u64")
+    __slots__ = ("__weakref__", "_base", "_u32", "_u64")
 
     def __init__(self, buffer: Any) -> None:
         super().__init__(buffer)
@@ -312,11 +327,41 @@ class GuardedBuffer(SharedBuffer):
         # One result slot each, reused: a buffer is used by one thread at a time.
         self._u64: Any = ffi.new("uint64_t *")
         self._u32: Any = ffi.new("uint32_t *")
+        self._base = _address(self._ptr)
+        _GUARDED.add(self)
+
+    def close(self) -> None:
+        _GUARDED.discard(self)
+        super().close()
+
+    def _other_holding(self, pointer: Any, length: int) -> GuardedBuffer | None:
+        """The other open GuardedBuffer whose mapping holds [pointer, pointer + length), if any."""
+        start = _address(pointer)
+        for other in _GUARDED:
+            if other is not self and other._ptr is not None \
+                    and other._base <= start and start + length <= other._base + other.size:
+                return other
+        return None
+
+    def _copy(self, dst: Any, src: Any, length: int, other: Any, what: str, offset: int) -> None:
+        """Copy with this mapping guarded, and `other`'s mapping (the far side's) if it is a guarded one."""
+        holder = self._other_holding(other, length)
+        if holder is None:
+            status = lib.ivc_g_copy(dst, src, length, self._ptr, self.size)
+        else:
+            status = lib.ivc_g_copy2(dst, src, length, self._ptr, self.size, holder._ptr, holder.size)
+        if status == -1:
+            raise self._lost(what, offset, length)
+        if status == -2:
+            assert holder is not None
+            far = _address(other) - holder._base
+            raise holder._lost("read" if what == "write" else "write", far, length)
 
     def _lost(self, what: str, offset: int, length: int) -> BackingLostError:
         return BackingLostError(
             f"{what} of [{offset}, {offset + length}) hit a page past the end of the backing file "
-            f"(it was truncated under a {self.size}-byte mapping)"
+            f"(it was truncated under a {self.size}-byte mapping)",
+            self,
         )
 
     def load_u64(self, offset: int) -> int:
@@ -355,15 +400,16 @@ class GuardedBuffer(SharedBuffer):
         self._check(offset, length)
         if dst_offset < 0 or dst_offset + length > len(target):
             raise IndexError("destination too small")
-        if length and lib.ivc_g_copy(target + dst_offset, self._ptr + offset, length, self._ptr, self.size):
-            raise self._lost("read", offset, length)
+        if length:
+            self._copy(target + dst_offset, self._ptr + offset, length, target + dst_offset, "read", offset)
         return length
 
     def write(self, offset: int, data: Buffer) -> None:
         length = len(data) if not isinstance(data, memoryview) else data.nbytes
         self._check(offset, length)
-        if length and lib.ivc_g_copy(self._ptr + offset, ffi.from_buffer(data), length, self._ptr, self.size):
-            raise self._lost("write", offset, length)
+        if length:
+            source = ffi.from_buffer(data)
+            self._copy(self._ptr + offset, source, length, source, "write", offset)
 
     def put_header(self, offset: int, length: int, kind: int) -> None:
         self.write(offset, _RECORD_HEADER.pack(length, kind))

@@ -93,7 +93,7 @@ def double_fetches(reads: list[tuple[int, int]], size: int) -> list[str]:
 class InProcessLab:
     def __init__(self, tmp_path: Path, vms: list[str], honest: list[str], *, size: int = 1 << 20,
                  limit: int = 256 << 10, timeout_s: float = 1.0, policy: Policy = ALLOW_ALL,
-                 ttl_s: float | None = None) -> None:
+                 ttl_s: float | None = None, incoming: bool = False) -> None:
         self.prefix = f"ivclip-t{os.getpid()}-{secrets.token_hex(3)}-"
         self.size = size
         config = BrokerConfig(
@@ -106,7 +106,8 @@ class InProcessLab:
         self.broker.start()
         self.drivers = {
             vm: GuestDriver(socket_path=tmp_path / f"{vm}.sock", clipboard=HeadlessClipboard(),
-                            limit=limit, device=self.region_path(vm))
+                            limit=limit, device=self.region_path(vm),
+                            incoming=tmp_path / f"in-{vm}" if incoming else None)
             for vm in honest
         }
         self._recorders: list[tuple[str, GuardedBuffer]] = []

@@ -5,15 +5,22 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from inproc import InProcessLab
 
+from broker import files as files_module
 from broker import vm as vm_module
 from broker.vm import VmLink
+from control.framing import Frame, FrameDecoder
+from control.server import Connection
 from shm import layout
 from shm.errors import BackingLostError
 from shm.memory import GuardedBuffer
@@ -98,3 +105,102 @@ def test_a_truncation_between_the_size_check_and_the_access_is_a_fault(
     assert region.mem.load_u64(layout.MAGIC_OFF).to_bytes(8, "little") == layout.MAGIC
     os.truncate(region.path, 0)
     link.shutdown(unlink=False)  # the wipe on a truncated region is logged, not fatal
+
+
+def test_a_guarded_copy_between_two_mappings_blames_the_one_that_shrank(region: Region) -> None:
+    other = Region.create(f"/ivclip-t{os.getpid()}-{secrets.token_hex(3)}-sigbus2", 1 << 20)
+    try:
+        at = 1 << 19
+        source = other.mem.view[at : at + 4096]
+        os.truncate(other.path, 4096)
+        with pytest.raises(BackingLostError, match=f"read of \\[{at}, {at + 4096}\\)"):
+            region.mem.write(at, source)  # a relayed chunk: from the shrunk mapping into ours
+        os.truncate(region.path, 4096)
+        other.restore_size()
+        with pytest.raises(BackingLostError, match=f"write of \\[{at}, {at + 4096}\\)"):
+            region.mem.write(at, other.mem.view[at : at + 4096])  # now ours is the shrunk one
+        source.release()
+    finally:
+        other.unlink()
+        other.close()
+
+
+def _request(header: dict[str, object], body: bytes = b"") -> tuple[Connection, socket.socket]:
+    """A control connection holding `header`, and the client's end of it."""
+    server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = Connection(server_end, 1 << 20)
+    conn.request = Frame(header, body)
+    return conn, client_end
+
+
+def _final_reply(client_end: socket.socket) -> dict[str, object]:
+    decoder = FrameDecoder(1 << 20)
+    client_end.settimeout(5)
+    while True:
+        frame = decoder.next_frame()
+        if frame is not None and frame.header.get("progress") is not True:
+            return frame.header
+        if frame is None:
+            data = client_end.recv(1 << 16)
+            assert data, "the connection closed without a final reply"
+            decoder.feed(data)
+
+
+@pytest.mark.parametrize("moment", ["before the peek", "after the peek", "before the chunk copy"])
+def test_a_source_file_truncated_during_a_vm_to_vm_relay_fails_the_transfer_not_the_broker(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
+) -> None:
+    """The relay reads alice's ring and copies chunk data straight into bob's: a truncation
+    of alice's file after the broker's size check, at any step of that, must not kill it."""
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(4 << 20))
+    lab = InProcessLab(tmp_path, ["alice", "bob"], ["alice", "bob"], incoming=True)
+    try:
+        lab.attach_all()
+        send, _sender = _request({"op": "send", "move": False, "entries": 1, "files": 1,
+                                  "total_size": 4 << 20}, bytes(big))
+        lab.drivers["alice"]._on_request(send, send.request)  # type: ignore[arg-type]
+        approve, approver = _request({"op": "approve", "vm": "alice", "to": "bob"})
+        deadline = time.monotonic() + 10
+        while not lab.broker.files.transfers:
+            assert time.monotonic() < deadline, "the offer never reached the broker"
+            lab.pump()
+            if lab.broker.vms["alice"].channel.pending_offer is not None:
+                lab.broker._on_request(approve, approve.request)  # type: ignore[arg-type]
+        transfer = lab.broker.files.transfers[0]
+        while transfer.progress[1] == 0:  # chunks are flowing: the relay peeks alice's ring
+            assert time.monotonic() < deadline, "the relay never started"
+            lab.pump()
+        alice, bob = lab.broker.vms["alice"], lab.broker.vms["bob"]
+        monkeypatch.setattr(alice.region, "size_problem", lambda: None)  # as if just after the check
+        lab.drivers.pop("alice")  # its driver maps the same file, unguarded: it stops here
+
+        def truncate() -> None:
+            if os.fstat(alice.region._fd).st_size > 4096:
+                os.truncate(alice.region.path, 4096)  # the header page stays, the ring's pages go
+
+        def first_truncate(call: Callable[..., Any]) -> Callable[..., Any]:
+            def wrapped(*args: Any, **kwargs: Any) -> Any:
+                truncate()
+                return call(*args, **kwargs)
+            return wrapped
+
+        if moment == "before the peek":
+            truncate()
+        elif moment == "after the peek":  # the record's fields are still to be read
+            monkeypatch.setattr(files_module, "_decode_in_ring", first_truncate(files_module._decode_in_ring))
+        else:  # decoded; the chunk's data is still to be copied from alice's ring into bob's
+            monkeypatch.setattr(bob.channel, "give_stream", first_truncate(bob.channel.give_stream))
+        while not transfer.ended:
+            assert time.monotonic() < deadline, "the transfer did not end"
+            lab.pump()
+        assert alice.attachment(time.monotonic()).value == "faulty"
+        assert "past the end of the backing file" in alice.last_fault
+        reply = _final_reply(approver)
+        assert reply["ok"] is False
+        assert bob.attachment(time.monotonic()).value == "attached"
+        while any((tmp_path / "in-bob").rglob("big.bin")):  # bob's driver drops the partial file
+            assert time.monotonic() < deadline, "bob kept the partial file"
+            lab.pump()
+    finally:
+        lab.close()
