@@ -203,6 +203,9 @@ class _ServerProcess:
 class XServer(_ServerProcess):
     """A private Xvfb display (each host-process guest gets its own, as a VM would).
 
+    ``-noreset``: by default the server resets when its last client leaves, and a
+    client connecting during that reset has its connection reset.
+
     Raises (on start):
         RuntimeError: Xvfb is missing or did not come up.
     """
@@ -211,7 +214,8 @@ class XServer(_ServerProcess):
         read_fd, write_fd = os.pipe()
         try:
             self.proc = subprocess.Popen(
-                ["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-screen", "0", "640x480x24"],
+                ["Xvfb", "-displayfd", str(write_fd), "-nolisten", "tcp", "-noreset",
+                 "-screen", "0", "640x480x24"],
                 pass_fds=[write_fd], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL)
         except OSError as exc:
