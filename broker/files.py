@@ -50,7 +50,6 @@ from filexfer.errors import SourceError
 from filexfer.receiver import TreeReceiver, open_receiver
 from filexfer.sender import TreeSender, delete_sent, parse_send_request
 from protocol.channel import (
-    Dropped,
     FailReason,
     FileOffered,
     FileOutcome,
@@ -87,6 +86,18 @@ MAX_RELAY_RECORDS = 512
 MAX_RELAY_BYTES = 16 << 20
 """Records and bytes one transfer moves per broker round before the other VMs are served
 (bytes bound the round when the host writes them to a slow disk)."""
+MAX_SKIPPED_RECORDS = 64
+"""Records that are not part of the stream (dropped, or handled like any other event) the
+relay takes from a source's ring in one round, beyond which the round ends: a source filling
+its ring with junk costs a bounded amount of work per round like any guest."""
+SWAP_WINDOW_S = 60.0
+"""An offer made within this long after the same VM withdrew one is approved only by its
+number (``--offer N``): the VM may have swapped the offer the user checked for another."""
+LOGGED_NAMES = 5
+STATUS_NAMES = 16
+SHOWN_NAME_CHARS = 120
+"""How many offered names a log line and a status reply show, each at most this many
+characters (escaped): a guest's names do not make log lines or status replies huge."""
 MAX_SEND_PATHS_BODY = 1 << 20
 """Bytes of paths a host send request may carry (NUL-separated)."""
 FILE_SPINS = 8
@@ -185,6 +196,7 @@ class FileTransfers:
         self.on_end = on_end
         self.transfers: list[Transfer] = []
         self._offer_numbers: dict[str, tuple[int, int]] = {}  # vm -> (offer_id, number)
+        self._skipped = 0  # records not of the stream taken from a source in this round
         self._next_number = 1
         # Which VM the next ring or protocol error in the relay would be the fault of (set
         # before each step: cheaper on this path than a try block per step).
@@ -252,6 +264,12 @@ class FileTransfers:
             refusal = f"{source.name} has no pending file offer"
         elif wanted is not None and wanted != number:
             refusal = f"{source.name}'s pending offer is #{number}, not #{wanted}; check status again"
+        elif wanted is None and source.channel.offer_withdrawn_at is not None \
+                and source.channel.offer_seen_at - source.channel.offer_withdrawn_at < SWAP_WINDOW_S:
+            # It may have swapped the offer the user checked for another: make them name it.
+            refusal = (f"{source.name} withdrew an offer and made this one (#{number}) soon after; check "
+                       f"it with status and approve it by number: approve {source.name} --to "
+                       f"{target_name} --offer {number}")
         elif not isinstance(target_name, str) or (target_name != HOST and target_name not in self.vms):
             refusal = f"unknown target {target_name!r}: name a VM of this broker or '{HOST}'"
         elif target_name == source.name:
@@ -333,7 +351,7 @@ class FileTransfers:
                 number = self._offer_number(vm)
                 log.info("%s offers %s as #%d (names: %s); approve or reject it", vm.name,
                          describe(offer.entries, offer.files, offer.total_size), number,
-                         ", ".join(f"'{display(n)}'" for n in offer.names))
+                         shown_names(offer.names, LOGGED_NAMES))
                 return True
             case OfferWithdrawn():
                 log.info("%s withdrew its file offer", vm.name)
@@ -398,6 +416,7 @@ class FileTransfers:
         source, target = transfer.source_vm, transfer.target_vm
         moved = 0
         self._culprit = None
+        self._skipped = 0
         taken = 0
         try:
             while moved < MAX_RELAY_RECORDS and taken < MAX_RELAY_BYTES and not transfer.ended:
@@ -472,7 +491,7 @@ class FileTransfers:
                 self._end(transfer, sender.failure, who="the host", failed_side="source")
             return message  # type: ignore[return-value]
         self._culprit = source
-        while not transfer.ended:
+        while not transfer.ended and self._skipped < MAX_SKIPPED_RECORDS:
             found = source.consumer.peek()
             if found is None:
                 return None
@@ -488,12 +507,9 @@ class FileTransfers:
                 message = decode(kind, source.region.mem.read(source.region.mem.offset_of(view), view.nbytes))
             # Not a record of the approved stream: what the channel makes of it.
             source.consumer.consume(release=False)
-            for event in source.channel.receive(message, now):
-                if isinstance(event, Dropped):
-                    source.counters.dropped += 1
-                    log.info("%s: dropped an unsolicited %s", source.name, type(event.message).__name__)
-                else:
-                    self.on_event(source, event, now)
+            self._skipped += 1
+            for event in source.count_dropped(source.channel.receive(message, now), now):
+                self.on_event(source, event, now)
             self._culprit = source
         return None
 
@@ -578,7 +594,7 @@ class FileTransfers:
             offers.append({
                 "vm": vm.name, "offer": self._offer_number(vm), "entries": offer.entries,
                 "files": offer.files, "total_size": offer.total_size, "move": bool(offer.flags & FLAG_MOVE),
-                "roots": offer.roots, "names": [display(n) for n in offer.names],
+                "roots": offer.roots, "names": [_shorten(display(n)) for n in offer.names[:STATUS_NAMES]],
                 "age_s": round(now - vm.channel.offer_seen_at, 1),
             })
         transfers = []
@@ -590,6 +606,16 @@ class FileTransfers:
                 "move": transfer.move, "age_s": round(now - transfer.started, 1),
             })
         return {"offers": offers, "transfers": transfers}
+
+
+def _shorten(text: str) -> str:
+    return text if len(text) <= SHOWN_NAME_CHARS else text[: SHOWN_NAME_CHARS - 3] + "..."
+
+
+def shown_names(names: tuple[bytes, ...], most: int) -> str:
+    """Up to `most` offered names, escaped and shortened, for one line of text."""
+    shown = ", ".join(f"'{_shorten(display(n))}'" for n in names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _draw_id() -> int:

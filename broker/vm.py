@@ -40,9 +40,15 @@ ATTACH_LOOK_S = 0.1
 STALE_AFTER_S = 2.0
 """A driver whose heartbeat has not moved for this long counts as gone."""
 REINIT_INTERVAL_S = 1.0
+"""How long a faulty VM waits for its region to be re-initialised, after a first fault."""
+MAX_REINIT_INTERVAL_S = 60.0
+FAULT_MEMORY_S = 60.0
+"""A fault within this long of the re-initialisation that followed the previous one doubles
+the wait before the next re-initialisation, up to MAX_REINIT_INTERVAL_S: a guest that keeps
+breaking the protocol costs a log line and a re-initialisation a minute, not one a second."""
 DROP_LOG_INTERVAL_S = 5.0
 """At most one log line per VM per this period about unsolicited records, however
-many a guest floods in (each is still counted)."""
+many a guest floods in (each is still counted), and about driver restarts."""
 MAX_RECORDS_PER_SERVICE = 256
 """Fairness bound: records taken from one VM before serving the next."""
 MAX_BYTES_PER_SERVICE = 512 * 1024
@@ -85,6 +91,10 @@ class VmLink:
         self._caps_mirrored = -1
         self._drops_unlogged = 0
         self._next_drop_log = 0.0
+        self._restarts_unlogged = 0
+        self._next_restart_log = 0.0
+        self._reinit_interval = REINIT_INTERVAL_S
+        self._recovered_at: float | None = None
         self.region_problem = ""
         self._reinitialise()
 
@@ -129,7 +139,7 @@ class VmLink:
             return False, []
         problem = self.region.size_problem()
         if problem:
-            return True, self._count(self.fault(problem, now), now)
+            return True, self.count_dropped(self.fault(problem, now), now)
         events: list[HostEvent] = []
         try:
             if now >= self._next_look or self.busy:
@@ -156,8 +166,8 @@ class VmLink:
             self._mirror_capabilities()
         except (RingCorruptError, RemoteProtocolError, BackingLostError) as exc:
             events += self.fault(str(exc), now)
-            return True, self._count(events, now)
-        return moved > 0, self._count(events, now)
+            return True, self.count_dropped(events, now)
+        return moved > 0, self.count_dropped(events, now)
 
     def _recover(self, now: float) -> bool:
         """Re-initialise the region after a fault (restoring its size first if needed)."""
@@ -172,9 +182,10 @@ class VmLink:
             log.warning("%s: cannot re-initialise the region yet: %s", self.name, exc)
             self.last_fault = str(exc)
             self._is_faulty = True
-            self._faulty_until = now + REINIT_INTERVAL_S
+            self._faulty_until = now + self._reinit_interval
             return False
         log.info("%s: region re-initialised after a fault; waiting for its driver", self.name)
+        self._recovered_at = now
         return True
 
     def _check_path(self) -> None:
@@ -186,7 +197,8 @@ class VmLink:
                 log.info("%s: %s leads to our region again", self.name, self.region.path)
             self.region_problem = problem
 
-    def _count(self, events: list[HostEvent], now: float) -> list[HostEvent]:
+    def count_dropped(self, events: list[HostEvent], now: float) -> list[HostEvent]:
+        """Count the Dropped events (one log line per DROP_LOG_INTERVAL_S at most); return the others."""
         kept: list[HostEvent] = []
         for event in events:
             if isinstance(event, Dropped):
@@ -211,7 +223,12 @@ class VmLink:
         events: list[HostEvent] = []
         if epoch != self._epoch:
             if self._epoch:
-                log.info("%s: driver restarted", self.name)
+                self._restarts_unlogged += 1
+                if now >= self._next_restart_log:
+                    times = f" ({self._restarts_unlogged} times)" if self._restarts_unlogged > 1 else ""
+                    log.info("%s: driver restarted%s", self.name, times)
+                    self._restarts_unlogged = 0
+                    self._next_restart_log = now + DROP_LOG_INTERVAL_S
                 events += self.channel.abort(FailReason.DETACHED)
             else:
                 log.info("%s: driver attached", self.name)
@@ -240,13 +257,20 @@ class VmLink:
 
     # Faults and teardown ---------------------------------------------------
     def fault(self, reason: str, now: float) -> list[HostEvent]:
-        """Mark the VM faulty: fail what is in flight, re-initialise its region soon."""
-        log.warning("%s: marked faulty: %s", self.name, reason)
+        """Mark the VM faulty: fail what is in flight, re-initialise its region soon
+        (later for each fault that follows another closely, see FAULT_MEMORY_S)."""
+        if self._recovered_at is not None and now - self._recovered_at < FAULT_MEMORY_S:
+            self._reinit_interval = min(2 * self._reinit_interval, MAX_REINIT_INTERVAL_S)
+        else:
+            self._reinit_interval = REINIT_INTERVAL_S
+        later = f" (again: its region is re-initialised in {self._reinit_interval:g} s)" \
+            if self._reinit_interval > REINIT_INTERVAL_S else ""
+        log.warning("%s: marked faulty: %s%s", self.name, reason, later)
         self.counters.faults += 1
         self.last_fault = reason
         events = self.channel.abort(FailReason.CANCELLED)
         self._is_faulty = True
-        self._faulty_until = now + REINIT_INTERVAL_S
+        self._faulty_until = now + self._reinit_interval
         return events
 
     def shutdown(self, *, unlink: bool) -> None:

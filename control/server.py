@@ -34,13 +34,20 @@ class Connection:
         self.closed = False
 
     def reply(self, header: dict[str, Any], body: bytes | bytearray = b"") -> None:
-        """Send the reply and close.  A client that went away loses its answer, nothing else."""
+        """Send the reply and close.  A client that went away loses its answer, nothing else;
+        one too large for a frame is replaced by an error reply that says so (and logged)."""
         if self.closed:
             return
         try:
+            try:
+                frame = encode_frame(header, body)
+            except FrameError as exc:
+                log.error("a reply could not be sent: %s", exc)
+                frame = encode_frame({"ok": False, "error": f"the answer could not be sent ({exc}); "
+                                      "see the log"})
             self.sock.setblocking(True)
             self.sock.settimeout(5.0)
-            self.sock.sendall(encode_frame(header, body))
+            self.sock.sendall(frame)
         except OSError as exc:
             log.info("control client left before its answer: %s", exc)
         finally:

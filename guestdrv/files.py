@@ -96,7 +96,7 @@ class GuestFiles:
                     total_size=request.total_size)
         offer = scan.offer(secrets.randbits(64) or 1)
         try:
-            channel.announce(offer)
+            channel.announce(offer, time.monotonic())
         except LocalProtocolError as exc:
             conn.reply({"ok": False, "message": str(exc)})
             return
@@ -113,7 +113,7 @@ class GuestFiles:
             return
         log.info("the send command was interrupted: %s",
                  "stream cancelled" if send.sender else "offer withdrawn")
-        send.channel.cancel_send()
+        send.channel.cancel_send(time.monotonic())
         self._close_send()
 
     def _close_send(self) -> None:

@@ -76,6 +76,14 @@ def capabilities_label(caps: int) -> str:
     letters = ((CAP_COPY_FROM, "C"), (CAP_PASTE_TO, "P"), (CAP_FILES_FROM, "F"), (CAP_FILES_TO, "T"))
     return "".join(letter if caps & bit else "-" for bit, letter in letters)
 
+OFFER_INTERVAL_S = 1.0
+OFFER_BURST = 3
+"""Offers that follow a withdrawal are taken at one per OFFER_INTERVAL_S, after a burst of
+OFFER_BURST; the others are dropped.  Bounds what a guest withdrawing and re-offering in a
+loop costs (each offer is a log line and a desktop notification).  An honest driver waits
+OFFER_INTERVAL_S after a withdrawal itself (GuestChannel.announce), and the burst absorbs a
+broker that read a withdrawal and the next offer in the same round."""
+
 FILE_IDLE_TIMEOUT_S = 60.0
 """A file transfer fails after this long without a record moving either way.  Longer than
 the clipboard's timeout: a receiver may spend a while making a big transfer durable.  A
@@ -355,6 +363,11 @@ class HostChannel:
         self._hard_deadline = 0.0
         self.pending_offer: FileOffer | None = None
         self.offer_seen_at = 0.0
+        self.offer_withdrawn_at: float | None = None
+        """When the VM last withdrew a pending offer (its next one may be a swap)."""
+        self._offer_tokens = float(OFFER_BURST)  # offers after a withdrawal (see OFFER_BURST)
+        self._withdrew = False  # since its last offer was taken
+        self._tokens_at = 0.0
         self._checker: StreamChecker | None = None
         self._stream_ended = False
         self._retired_id = 0  # a file transfer that ended: its late records are ignored
@@ -584,10 +597,14 @@ class HostChannel:
         if isinstance(message, Cancel) and self.pending_offer is not None \
                 and message.transfer_id == self.pending_offer.offer_id:
             self.pending_offer = None
+            self.offer_withdrawn_at = now
+            self._withdrew = True
             return [OfferWithdrawn(message.transfer_id)]
         if self._retired_id and message.transfer_id == self._retired_id \
                 and isinstance(message, (*_STREAM_TYPES, FileResult, Cancel)):
-            return []  # in flight when the transfer ended
+            # In flight when the transfer ended (an honest peer may send a few), or a
+            # flood: either way dropped, counted, and no progress for the broker's loop.
+            return [Dropped(message)]
         handler = _HOST_TABLE.get((self.state, type(message)))
         if handler is None or message.transfer_id != self._transfer_id:
             return [Dropped(message)]
@@ -600,6 +617,14 @@ class HostChannel:
     def _on_offer(self, message: FileOffer, now: float) -> list[HostEvent]:
         if self.pending_offer is not None:
             return [Dropped(message)]  # one at a time: an offer never changes under the user's eyes
+        if self._withdrew:  # rate-limited (see OFFER_BURST)
+            elapsed = max(0.0, now - self._tokens_at)
+            self._tokens_at = now
+            self._offer_tokens = min(float(OFFER_BURST), self._offer_tokens + elapsed / OFFER_INTERVAL_S)
+            if self._offer_tokens < 1.0:
+                return [Dropped(message)]
+            self._offer_tokens -= 1.0
+            self._withdrew = False
         self.pending_offer = message
         self.offer_seen_at = now
         return [FileOffered(message)]
@@ -712,6 +737,7 @@ class GuestChannel:
         self._answering = 0
         self._request_limit = 0
         self.offer_id = 0  # our pending offer
+        self._withdrawn_at: float | None = None  # when we last withdrew one
         self.sending_id = 0  # our approved outgoing transfer
         self.receiving_id = 0  # the incoming transfer
 
@@ -722,14 +748,19 @@ class GuestChannel:
         self._out.done()
 
     # Files out ---------------------------------------------------------------
-    def announce(self, offer: FileOffer) -> None:
+    def announce(self, offer: FileOffer, now: float) -> None:
         """Offer files to the host user.
 
         Raises:
-            LocalProtocolError: an offer or an outgoing transfer is already under way.
+            LocalProtocolError: an offer or an outgoing transfer is already under way, or
+                we withdrew an offer less than OFFER_INTERVAL_S ago (the broker would drop
+                this one).
         """
         if self.offer_id or self.sending_id:
             raise LocalProtocolError("a file transfer is already offered or under way")
+        if self._withdrawn_at is not None and now - self._withdrawn_at < OFFER_INTERVAL_S:
+            raise LocalProtocolError(f"an offer was withdrawn less than {OFFER_INTERVAL_S:g} s ago; "
+                                     "send again in a moment")
         self.offer_id = offer.offer_id
         self._out.send(offer)
 
@@ -744,13 +775,14 @@ class GuestChannel:
             raise LocalProtocolError("no approved transfer to stream")
         self._out.attach(producer)
 
-    def cancel_send(self) -> None:
+    def cancel_send(self, now: float) -> None:
         """Withdraw our offer or stop our stream (the user pressed Ctrl-C)."""
         if self.sending_id:
             self._out.detach()
             self._out.send(Cancel(self.sending_id))
         elif self.offer_id:
             self._out.send(Cancel(self.offer_id))
+            self._withdrawn_at = now
         self.offer_id = self.sending_id = 0
 
     def fail_send(self, result: FileResult) -> None:

@@ -507,9 +507,15 @@ class RingConsumer(_RingEnd):
         tracked).  A peer can rewrite the bytes under a view at any time: copy
         what must be validated before validating it.
 
+        Peeking again without consuming looks at the same record afresh and ends
+        the views the previous peek returned (a reader that waits for room
+        elsewhere may peek the same record every round: its views must not pile up).
+
         Raises:
             RingCorruptError: the producer wrote an invalid index or record header.
         """
+        if self._unconsumed:
+            _release_views(self._unconsumed)
         found = self._next()
         if found is None:
             return None

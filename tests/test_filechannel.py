@@ -8,6 +8,8 @@ from protocol.channel import (
     CAP_FILES_FROM,
     CAP_FILES_TO,
     FILE_IDLE_TIMEOUT_S,
+    OFFER_BURST,
+    OFFER_INTERVAL_S,
     Dropped,
     FailReason,
     FileIncoming,
@@ -76,6 +78,29 @@ def test_an_offer_is_only_recorded_and_one_at_a_time() -> None:
     assert channel.pending_offer is None
 
 
+def test_offers_after_withdrawals_are_rate_limited_but_offers_after_gestures_are_not() -> None:
+    channel = host()
+    now = 10.0
+    taken = 0
+    for offer_id in range(100, 100 + OFFER_BURST + 5):  # a guest withdrawing and re-offering in a loop
+        offer = FileOffer(offer_id, 1, 1, 1, 0, 1, (b"x",))
+        events = channel.receive(offer, now)
+        if events == [FileOffered(offer)]:
+            taken += 1
+            assert channel.receive(Cancel(offer_id), now) == [OfferWithdrawn(offer_id)]
+            assert channel.offer_withdrawn_at == now
+        else:
+            assert events == [Dropped(offer)] and channel.pending_offer is None
+    assert taken == 1 + OFFER_BURST  # the first offer followed no withdrawal
+    late = FileOffer(200, 1, 1, 1, 0, 1, (b"y",))
+    assert channel.receive(late, now + OFFER_INTERVAL_S) == [FileOffered(late)]  # one token back
+    channel.reject_offer()  # the user's gesture: offers that follow are not limited
+    for offer_id in range(300, 310):
+        offer = FileOffer(offer_id, 1, 1, 1, 0, 1, (b"z",))
+        assert channel.receive(offer, now + OFFER_INTERVAL_S) == [FileOffered(offer)]
+        channel.reject_offer()
+
+
 def test_a_pending_offer_does_not_block_the_clipboard() -> None:
     channel = host()
     channel.receive(OFFER, 0.0)
@@ -134,7 +159,8 @@ def test_a_sender_reports_failure_but_never_success() -> None:
     failure = FileResult(9, FileCode.READ_ERROR, 13, 0, b"top/f")
     assert channel.receive(failure, 0.0) == [FileOutcome(9, failure)]
     assert channel.state is HostState.IDLE
-    assert channel.receive(FileChunk(9, 0, b"late"), 0.0) == []  # in flight: ignored silently
+    late = FileChunk(9, 0, b"late")
+    assert channel.receive(late, 0.0) == [Dropped(late)]  # in flight: dropped, and no progress
 
 
 def test_the_outcome_goes_back_after_a_queued_start() -> None:
@@ -191,9 +217,9 @@ def guest() -> GuestChannel:
 
 def test_the_guest_streams_only_after_approval_of_its_own_offer() -> None:
     channel = guest()
-    channel.announce(OFFER)
+    channel.announce(OFFER, 0.0)
     with pytest.raises(LocalProtocolError, match="already"):
-        channel.announce(OFFER)
+        channel.announce(OFFER, 0.0)
     assert outputs(channel) == [OFFER]
     assert channel.receive(FileStart(9, 12345)) == [Dropped(FileStart(9, 12345))]
     with pytest.raises(LocalProtocolError, match="no approved"):
@@ -208,13 +234,24 @@ def test_the_guest_streams_only_after_approval_of_its_own_offer() -> None:
 
 def test_the_guest_hears_a_rejection_and_withdraws_on_cancel() -> None:
     channel = guest()
-    channel.announce(OFFER)
+    channel.announce(OFFER, 0.0)
     outputs(channel)
     [event] = channel.receive(Cancel(77))
     assert isinstance(event, FileSendEnded) and event.result.code == FileCode.REFUSED
-    channel.announce(FileOffer(80, 1, 1, 1, 0, 1, (b"x",)))
-    channel.cancel_send()
+    channel.announce(FileOffer(80, 1, 1, 1, 0, 1, (b"x",)), 0.0)
+    channel.cancel_send(0.0)
     assert outputs(channel)[-1] == Cancel(80)
+
+
+def test_the_guest_waits_after_a_withdrawal_before_offering_again() -> None:
+    channel = guest()
+    channel.announce(OFFER, 5.0)
+    channel.cancel_send(5.0)
+    again = FileOffer(81, 1, 1, 1, 0, 1, (b"x",))
+    with pytest.raises(LocalProtocolError, match="withdrawn less than 1 s ago; send again"):
+        channel.announce(again, 5.0 + OFFER_INTERVAL_S / 2)
+    channel.announce(again, 5.0 + OFFER_INTERVAL_S)
+    assert outputs(channel) == [OFFER, Cancel(77), again]
 
 
 def test_the_guest_receives_only_the_stream_it_was_told_of() -> None:
@@ -230,7 +267,7 @@ def test_the_guest_receives_only_the_stream_it_was_told_of() -> None:
 
 def test_a_clipboard_answer_never_drops_queued_file_records() -> None:
     channel = guest()
-    channel.announce(OFFER)
+    channel.announce(OFFER, 0.0)
     channel.receive(CopyRequest(3, 100))
     channel.answer_copy(3, b"clip")
     sent = outputs(channel)

@@ -294,6 +294,22 @@ def test_release_batching_with_peek_and_consume():
         ring.consumer.consume()
 
 
+def test_peeking_the_same_record_again_ends_the_earlier_views():
+    """A reader waiting for room elsewhere peeks the same record every round: no pile-up."""
+    ring = make_ring()
+    assert ring.producer.try_push(4, [b"hello"])
+    first = ring.consumer.peek()
+    assert first is not None
+    for _ in range(1000):
+        again = ring.consumer.peek()
+        assert again is not None and bytes(again[1]) == b"hello"
+    with pytest.raises(ValueError):
+        bytes(first[1])  # released by the next peek
+    assert len(ring.consumer._unconsumed) == 1
+    ring.consumer.consume()
+    assert ring.consumer.peek() is None and not ring.consumer._unconsumed
+
+
 def test_producer_waits_for_release_not_for_poll():
     ring = make_ring()
     while ring.producer.try_push(1, [payload(200)]):

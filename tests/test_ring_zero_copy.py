@@ -212,6 +212,10 @@ class RingModel(RuleBasedStateMachine):
     @rule()
     def peek(self) -> None:
         got = self.c.peek()
+        for view, _ in self.peeked:  # a new peek of the same record ends the earlier views
+            with pytest.raises(ValueError):
+                view.tobytes()
+        self.peeked.clear()
         if not self.published:
             assert got is None
             return

@@ -226,6 +226,9 @@ class ServerThread:
 def echo(conn: Connection, frame: Frame) -> None:
     if frame.header.get("op") == "crash":
         raise RuntimeError("handler bug")
+    if frame.header.get("op") == "huge":
+        conn.reply({"ok": True, "names": ["x" * 1000] * 100})  # over MAX_HEADER
+        return
     conn.reply({"ok": True, "op": frame.header.get("op")}, frame.body[::-1])
 
 
@@ -289,6 +292,15 @@ def test_server_refuses_malformed_requests_and_carries_on(server, data, why):
 def test_server_survives_a_handler_bug(server):
     reply = call(server.server.path, {"op": "crash"})
     assert reply.header == {"ok": False, "error": "internal error; see the log"}
+    assert call(server.server.path, {"op": "next"}).header["ok"] is True
+    assert server.errors == []
+
+
+def test_a_reply_too_large_for_a_frame_becomes_an_error_reply(server):
+    reply = call(server.server.path, {"op": "huge"})
+    assert reply.header["ok"] is False
+    assert reply.header["error"].startswith("the answer could not be sent (frame header of ")
+    assert "see the log" in reply.header["error"]
     assert call(server.server.path, {"op": "next"}).header["ok"] is True
     assert server.errors == []
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
+import socket
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from typing import Any, cast
 from broker.names import shm_path
 from broker.policy import ALLOW_ALL, Policy
 from broker.service import Broker, BrokerConfig
-from control.framing import Frame
+from control.framing import Frame, FrameDecoder
 from control.server import Connection
 from guestdrv.clipboard import ClipItem, HeadlessClipboard
 from guestdrv.driver import GuestDriver
@@ -88,6 +89,28 @@ def double_fetches(reads: list[tuple[int, int]], size: int) -> list[str]:
         if b_lo < a_hi:
             found.append(f"[{a_lo}, {a_hi}) and [{b_lo}, {b_hi})")
     return found
+
+
+def socket_request(header: dict[str, object], body: bytes = b"") -> tuple[Connection, socket.socket]:
+    """A control connection holding `header`, and the client's end of it."""
+    server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    conn = Connection(server_end, 1 << 20)
+    conn.request = Frame(header, body)
+    return conn, client_end
+
+
+def final_reply(client_end: socket.socket) -> dict[str, object]:
+    """The reply that ends a request (after any progress frames)."""
+    decoder = FrameDecoder(1 << 20)
+    client_end.settimeout(5)
+    while True:
+        frame = decoder.next_frame()
+        if frame is not None and frame.header.get("progress") is not True:
+            return frame.header
+        if frame is None:
+            data = client_end.recv(1 << 16)
+            assert data, "the connection closed without a final reply"
+            decoder.feed(data)
 
 
 class InProcessLab:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,13 +13,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from inproc import InProcessLab
+from inproc import InProcessLab, final_reply, socket_request
 
 from broker import files as files_module
 from broker import vm as vm_module
 from broker.vm import VmLink
-from control.framing import Frame, FrameDecoder
-from control.server import Connection
 from shm import layout
 from shm.errors import BackingLostError
 from shm.memory import GuardedBuffer
@@ -125,27 +122,6 @@ def test_a_guarded_copy_between_two_mappings_blames_the_one_that_shrank(region: 
         other.close()
 
 
-def _request(header: dict[str, object], body: bytes = b"") -> tuple[Connection, socket.socket]:
-    """A control connection holding `header`, and the client's end of it."""
-    server_end, client_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    conn = Connection(server_end, 1 << 20)
-    conn.request = Frame(header, body)
-    return conn, client_end
-
-
-def _final_reply(client_end: socket.socket) -> dict[str, object]:
-    decoder = FrameDecoder(1 << 20)
-    client_end.settimeout(5)
-    while True:
-        frame = decoder.next_frame()
-        if frame is not None and frame.header.get("progress") is not True:
-            return frame.header
-        if frame is None:
-            data = client_end.recv(1 << 16)
-            assert data, "the connection closed without a final reply"
-            decoder.feed(data)
-
-
 @pytest.mark.parametrize("moment", ["before the peek", "after the peek", "before the chunk copy"])
 def test_a_source_file_truncated_during_a_vm_to_vm_relay_fails_the_transfer_not_the_broker(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, moment: str
@@ -157,10 +133,10 @@ def test_a_source_file_truncated_during_a_vm_to_vm_relay_fails_the_transfer_not_
     lab = InProcessLab(tmp_path, ["alice", "bob"], ["alice", "bob"], incoming=True)
     try:
         lab.attach_all()
-        send, _sender = _request({"op": "send", "move": False, "entries": 1, "files": 1,
+        send, _sender = socket_request({"op": "send", "move": False, "entries": 1, "files": 1,
                                   "total_size": 4 << 20}, bytes(big))
         lab.drivers["alice"]._on_request(send, send.request)  # type: ignore[arg-type]
-        approve, approver = _request({"op": "approve", "vm": "alice", "to": "bob"})
+        approve, approver = socket_request({"op": "approve", "vm": "alice", "to": "bob"})
         deadline = time.monotonic() + 10
         while not lab.broker.files.transfers:
             assert time.monotonic() < deadline, "the offer never reached the broker"
@@ -196,7 +172,7 @@ def test_a_source_file_truncated_during_a_vm_to_vm_relay_fails_the_transfer_not_
             lab.pump()
         assert alice.attachment(time.monotonic()).value == "faulty"
         assert "past the end of the backing file" in alice.last_fault
-        reply = _final_reply(approver)
+        reply = final_reply(approver)
         assert reply["ok"] is False
         assert bob.attachment(time.monotonic()).value == "attached"
         while any((tmp_path / "in-bob").rglob("big.bin")):  # bob's driver drops the partial file

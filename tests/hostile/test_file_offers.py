@@ -1,0 +1,130 @@
+"""A hostile guest's file offers and junk records: what they may cost the broker and the user.
+
+Mallory writes its own ring through broker.hostile's Adversary (well-formed records, so
+that the broker's channel, not its ring checks, decides); bob is an honest in-process driver.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import pytest
+from inproc import FakeConnection, InProcessLab, socket_request
+
+from broker.files import LOGGED_NAMES, MAX_SKIPPED_RECORDS, SHOWN_NAME_CHARS, STATUS_NAMES
+from broker.hostile import Adversary
+from control.framing import Frame
+from control.server import Connection
+from protocol.channel import OFFER_BURST
+from protocol.messages import Cancel, FileChunk, FileOffer
+
+
+@pytest.fixture
+def lab(tmp_path: Path) -> Iterator[InProcessLab]:
+    lab = InProcessLab(tmp_path, ["mallory", "bob"], ["bob"], incoming=True)
+    try:
+        yield lab
+    finally:
+        lab.close()
+
+
+@pytest.fixture
+def mallory(lab: InProcessLab) -> Adversary:
+    link = lab.broker.vms["mallory"]
+    adversary = Adversary(link.region.mem, random.Random(1), concurrent=False)
+    assert adversary.sync()
+    lab.attach_all()
+    lab.pump()
+    return adversary
+
+
+def offer(offer_id: int, names: tuple[bytes, ...] = (b"report.pdf",)) -> FileOffer:
+    return FileOffer(offer_id, len(names), len(names), 10, 0, len(names), names)
+
+
+def request(lab: InProcessLab, header: dict[str, Any]) -> dict[str, Any]:
+    """The broker's immediate reply to a request (a refusal, a status)."""
+    conn = FakeConnection()
+    lab.broker._on_request(cast(Connection, conn), Frame(header))
+    assert conn.replies, f"no reply to {header}"
+    return conn.replies[0]
+
+
+def approve(lab: InProcessLab, header: dict[str, Any]) -> socket.socket:
+    """Approve an offer that the broker takes on; returns the client's end of the request
+    (its reply comes when the transfer ends; closing it would cancel the transfer)."""
+    conn, client = socket_request(header)
+    lab.broker._on_request(conn, conn.request)  # type: ignore[arg-type]
+    assert lab.broker.files.transfers, "the approval was refused"
+    return client
+
+
+def test_withdrawing_and_reoffering_in_a_loop_costs_a_bounded_number_of_offers(
+        lab: InProcessLab, mallory: Adversary, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="broker")
+    for offer_id in range(1, 101):
+        assert mallory.send(offer(offer_id), Cancel(offer_id))
+    lab.pump(5)
+    offers = [r for r in caplog.records if "offers 1 file" in r.getMessage()]
+    assert len(offers) == 1 + OFFER_BURST  # the first, then the burst; the rest dropped and counted
+    assert lab.broker.vms["mallory"].counters.dropped >= 100 - len(offers)
+
+
+def test_an_offer_made_soon_after_a_withdrawal_is_approved_only_by_its_number(
+        lab: InProcessLab, mallory: Adversary) -> None:
+    assert mallory.send(offer(1, (b"holiday.jpg",)), Cancel(1), offer(2, (b"payload.sh",)))
+    lab.pump(2)
+    [shown] = request(lab, {"op": "status"})["files"]["offers"]
+    assert shown["names"] == ["payload.sh"]
+    refused = request(lab, {"op": "approve", "vm": "mallory", "to": "bob"})
+    number = shown["offer"]
+    assert refused["ok"] is False
+    assert refused["message"] == (
+        f"mallory withdrew an offer and made this one (#{number}) soon after; check it with status "
+        f"and approve it by number: approve mallory --to bob --offer {number}")
+    assert lab.broker.vms["mallory"].channel.pending_offer is not None  # still there to approve
+    with approve(lab, {"op": "approve", "vm": "mallory", "to": "bob", "offer": number}):
+        assert lab.broker.files.transfers[0].source == "mallory"
+
+
+def test_long_and_many_names_are_shortened_in_the_log_and_the_status(
+        lab: InProcessLab, mallory: Adversary, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="broker")
+    names = tuple(b"\x1b" * 250 + bytes([65 + i]) for i in range(15))  # escapes grow 4x when shown
+    assert mallory.send(offer(1, names))
+    lab.pump(2)
+    [line] = [r.getMessage() for r in caplog.records if "offers 15 files" in r.getMessage()]
+    assert line.endswith(f" and {15 - LOGGED_NAMES} more); approve or reject it")
+    assert len(line) < 200 + LOGGED_NAMES * (SHOWN_NAME_CHARS + 4)
+    [shown] = request(lab, {"op": "status"})["files"]["offers"]
+    assert len(shown["names"]) == min(15, STATUS_NAMES)
+    assert all(len(n) == SHOWN_NAME_CHARS and n.endswith("...") for n in shown["names"])
+
+
+def test_junk_records_during_an_approved_transfer_cost_a_bounded_amount_per_round(
+        lab: InProcessLab, mallory: Adversary) -> None:
+    assert mallory.send(offer(1))
+    lab.pump(2)
+    client = approve(lab, {"op": "approve", "vm": "mallory", "to": "bob"})
+    link = lab.broker.vms["mallory"]
+    sent = 0
+    while mallory.send(FileChunk(12345, 0, b"junk")):  # a stream id that is not the transfer's
+        sent += 1
+    assert sent > 4 * MAX_SKIPPED_RECORDS
+    dropped = link.counters.dropped
+    rounds = 0
+    while link.counters.dropped < dropped + sent:
+        before = link.counters.dropped
+        lab.broker.poll_once(time.monotonic())
+        assert link.counters.dropped - before <= MAX_SKIPPED_RECORDS
+        rounds += 1
+        assert rounds <= sent, "the junk was never taken"
+    assert rounds >= sent // MAX_SKIPPED_RECORDS
+    assert lab.broker.files.transfers  # junk is dropped; the transfer goes on
+    client.close()
