@@ -71,6 +71,7 @@ from protocol.messages import (
     FileResult,
     Kind,
     Message,
+    StreamEnd,
     StreamMessage,
     decode,
     encode_stream,
@@ -165,6 +166,7 @@ class Transfer:
     held: list[HeldRequest] = field(default_factory=list)
     started: float = field(default_factory=time.monotonic)
     ended: bool = False
+    end_relayed: bool = False  # the target VM has the whole stream: it may have placed the files
 
     @property
     def progress(self) -> tuple[int, int]:
@@ -375,8 +377,8 @@ class FileTransfers:
             if reason is FailReason.CANCELLED and vm.last_fault and vm.attachment(time.monotonic()) \
                     is Attachment.FAULTY:
                 detail = f"{vm.name} misbehaved ({vm.last_fault})"
-            else:
-                detail = f"{vm.name}: {reason.value}"
+            else:  # (`who` names the VM; a plain cancel says it all with its code)
+                detail = "" if reason is FailReason.CANCELLED else reason.value
             code = FileCode.TIMEOUT if reason is FailReason.TIMEOUT else FileCode.CANCELLED
             result = FileResult(0, code, detail=detail.encode()[:512])
             self._end(transfer, result, who=vm.name, failed_side=side)
@@ -432,6 +434,7 @@ class FileTransfers:
                 if type(message) is FileChunk:
                     taken += len(message.data)
                 if target is not None:
+                    transfer.end_relayed = type(message) is StreamEnd
                     kind, parts = encode_stream(message, target.channel.give_stream(message, now))
                     self._culprit = target
                     if not target.producer.try_push(kind, parts, publish=False):
@@ -542,6 +545,7 @@ class FileTransfers:
             transfer.source_vm.channel.finish_file(result)
         if transfer.target_vm is not None and failed_side != "target" and not ok:
             transfer.target_vm.channel.finish_file(None)
+        placed_on_host = transfer.receiver is not None and transfer.receiver.placed
         if transfer.receiver is not None and not transfer.receiver.done:
             transfer.receiver.abort()
         moved_note = ""
@@ -561,8 +565,14 @@ class FileTransfers:
             if transfer.move and transfer.source != HOST:
                 message += f" ({transfer.source} deletes its copy)"
         else:
+            if placed_on_host:  # a --move transfer failed while its files were being flushed
+                written = f"the files had already arrived in {self.incoming / transfer.source} and stay there"
+            elif transfer.end_relayed:
+                written = f"{transfer.target} may have kept the files (they had all reached it)"
+            else:
+                written = "nothing was written"
             message = (f"{transfer.source} to {transfer.target} failed: "
-                       f"{outcome_text(result, who)}; nothing was written and no source was deleted")
+                       f"{outcome_text(result, who)}; {written}, and no source was deleted")
         log.info("file transfer: %s (%.1f s)", message, elapsed)
         if self.on_end is not None:
             self.on_end(FileRequest(transfer.source, transfer.target, transfer.entries_total,

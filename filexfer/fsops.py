@@ -82,8 +82,9 @@ def syncfs(fd: int) -> None:
 def remove_tree(name: bytes, dir_fd: int) -> None:
     """Remove `name` inside `dir_fd` and everything below it, never following a link.
 
-    Directories are made writable first (a tree may hold read-only ones).  The
-    depth is bounded by what we created (protocol.filestream.MAX_DEPTH).
+    A directory is made 0700 before it is opened: the stream set the modes, and
+    one without u+r cannot be listed, one without u+wx not emptied.  The depth
+    is bounded by what we created (protocol.filestream.MAX_DEPTH).
 
     Raises:
         OSError: something could not be removed.
@@ -95,12 +96,30 @@ def remove_tree(name: bytes, dir_fd: int) -> None:
     if not stat.S_ISDIR(st.st_mode):
         os.unlink(name, dir_fd=dir_fd)
         return
+    if st.st_mode & 0o700 != 0o700:
+        chmod_dir(name, dir_fd, 0o700)
     fd = open_dir(name, dir_fd)
     try:
-        if st.st_mode & 0o700 != 0o700:
-            os.fchmod(fd, 0o700)
         for child in os.listdir(fd):
             remove_tree(os.fsencode(child), fd)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=dir_fd)
+
+
+def chmod_dir(name: bytes, dir_fd: int, mode: int) -> None:
+    """Set the mode of the directory `name` inside `dir_fd`, which we may not be able to read.
+
+    It is opened with O_PATH (no permission on it needed) and O_NOFOLLOW, so a
+    link is never followed; fchmod refuses an O_PATH descriptor, so the mode is
+    set through its /proc link, which names exactly the directory opened.
+
+    Raises:
+        OSError: ELOOP/ENOTDIR when it is a link or not a directory, ENOENT when
+            /proc is not mounted, and the usual others.
+    """
+    fd = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)

@@ -44,7 +44,7 @@ from pathlib import Path
 
 from filexfer.fsops import exists, open_dir, remove_tree, rename_noreplace, syncfs
 from protocol.errors import FileRefused
-from protocol.filestream import NamePolicy, StreamChecker, display
+from protocol.filestream import STAGING_PREFIX, NamePolicy, StreamChecker, display
 from protocol.messages import (
     FLAG_MOVE,
     MAX_DETAIL,
@@ -61,7 +61,6 @@ from protocol.messages import (
 
 log = logging.getLogger(__name__)
 
-STAGING_PREFIX = b".ivclip-partial-"
 
 
 @dataclass(slots=True)
@@ -194,6 +193,9 @@ class TreeReceiver:
         self._file: _OpenFile | None = None
         self._sync: threading.Thread | None = None
         self._sync_error: OSError | None = None
+        self.placed = False
+        """Every file is complete and in place under its real name (only the flush of a
+        ``--move`` transfer may still be running): an abort from here on removes nothing."""
         self._staging = STAGING_PREFIX + b"%016x" % begin.transfer_id
         self._staging_fd = -1
         os.mkdir(self._staging, 0o700, dir_fd=src_fd)  # on failure the caller closes src_fd
@@ -239,7 +241,7 @@ class TreeReceiver:
             self._close_dir()
         parent = self._stack[-1].fd if self._stack else self._staging_fd
         name = parts[-1]
-        if len(parts) == 1 and (exists(name, self._src_fd) or name == self._staging):
+        if len(parts) == 1 and exists(name, self._src_fd):
             return self._fail(FileCode.EXISTS, entry.path,
                               f"'{display(name)}' already exists in {self.where}")
         if entry.type == EntryType.DIRECTORY:
@@ -301,9 +303,14 @@ class TreeReceiver:
         os.rmdir(self._staging, dir_fd=self._src_fd)
         os.close(self._staging_fd)
         self._staging_fd = -1
+        self.placed = True
         if self.begin.flags & FLAG_MOVE:
-            # The sender deletes its copy on OK: flush first, off the loop (the heartbeat goes on).
-            self._sync = threading.Thread(target=self._flush, name="ivclip-syncfs", daemon=True)
+            # The sender deletes its copy on OK: flush first, off the loop (the heartbeat goes
+            # on), through a descriptor of its own, which it closes: an abort meanwhile
+            # neither waits for it nor pulls the descriptor from under it.
+            flush_fd = os.dup(self._src_fd)
+            self._sync = threading.Thread(target=self._flush, args=(flush_fd,), name="ivclip-syncfs",
+                                          daemon=True)
             self._sync.start()
             return None
         return self._succeed()
@@ -329,16 +336,18 @@ class TreeReceiver:
                 log.error("cannot take %s back out of %s after a failure: %s", display(name), self.where,
                           exc.strerror)
 
-    def _flush(self) -> None:
+    def _flush(self, fd: int) -> None:
         try:
-            syncfs(self._src_fd)
+            syncfs(fd)
         except OSError as exc:
             self._sync_error = exc
+        finally:
+            os.close(fd)
 
     def poll(self) -> FileResult | None:
         """The result of a ``--move`` transfer once it is on disk (None until then)."""
-        if self._sync is None or self._sync.is_alive() or self.result is not None:
-            return None
+        if self._sync is None or self._sync.is_alive() or self.result is not None or self._src_fd < 0:
+            return None  # not flushing, still flushing, ended, or aborted
         self._sync.join()
         if self._sync_error is not None:
             err = self._sync_error
@@ -360,15 +369,14 @@ class TreeReceiver:
         return self.result
 
     def abort(self) -> None:
-        """Stop and remove everything written so far (safe to call twice).  Never raises."""
+        """Stop and remove everything written so far, unless it is already in place (see
+        :attr:`placed`); safe to call twice, never blocks on a flush, never raises."""
         if self._file is not None:
             os.close(self._file.fd)
             self._file = None
         for opened in self._stack:
             os.close(opened.fd)
         self._stack.clear()
-        if self._sync is not None and self._sync.is_alive():
-            self._sync.join()  # it only flushes; the files are already in place
         if self._staging_fd >= 0:
             os.close(self._staging_fd)
             self._staging_fd = -1

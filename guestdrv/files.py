@@ -208,7 +208,11 @@ class GuestFiles:
                         self._deliver(verdict)
             case FileIncomingCancelled():
                 if self._receiver is not None:
-                    log.info("the incoming transfer was cancelled; nothing of it was kept")
+                    if self._receiver.placed:
+                        log.info("the incoming transfer was cancelled after its files were complete in "
+                                 "%s; they stay there", self._receiver.where)
+                    else:
+                        log.info("the incoming transfer was cancelled; nothing of it was kept")
                     self._receiver.abort()
                     self._receiver = None
                     self._receiver_channel = None

@@ -74,6 +74,11 @@ MAX_DEPTH = 64
 """Deepest path, in components.  A receiver holds one directory descriptor per level
 open at once, so this bounds its descriptors (far below the usual limit of 1024)."""
 
+STAGING_PREFIX = b".ivclip-partial-"
+"""A receiver writes a transfer in progress under a hidden directory of this name (plus
+the transfer id) and removes any such directory at its start: a top-level entry may
+not take such a name, or it would be removed with the leftovers."""
+
 BIDI_CONTROLS = frozenset(
     "\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069"
 )
@@ -127,6 +132,9 @@ def split_path(path: bytes, policy: NamePolicy = STRICT) -> tuple[bytes, ...]:
     if path.startswith(b"/"):
         raise _name_refused(path, "an absolute path")
     parts = tuple(path.split(b"/"))
+    if parts[0].startswith(STAGING_PREFIX):
+        raise _name_refused(path, f"a top-level name starting with '{STAGING_PREFIX.decode()}' "
+                            "(reserved for transfers in progress)")
     if len(parts) > MAX_DEPTH:
         raise _name_refused(path, f"more than {MAX_DEPTH} levels")
     for part in parts:

@@ -1,6 +1,6 @@
 """Fixtures shared by the unit tests: unique POSIX shared-memory names that are always removed,
-a private X display with xclip to look at its clipboard, and a private headless sway with
-wl-clipboard to look at a Wayland clipboard."""
+a private X display with xclip to look at its clipboard, a private headless sway with
+wl-clipboard to look at a Wayland clipboard, and a receivers' flush to disk held at will."""
 
 from __future__ import annotations
 
@@ -8,13 +8,16 @@ import contextlib
 import os
 import shutil
 import subprocess
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 
 import posix_ipc
 import pytest
+from held_flush import HeldFlush
 
 from broker.lab import SwaySession, XServer
+from filexfer import receiver as receiver_module
 
 
 def unique_shm_name() -> str:
@@ -65,3 +68,13 @@ def compositor(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SwaySession
                     "(apt-get install --no-install-recommends sway wl-clipboard)")
     with SwaySession(tmp_path_factory.mktemp("sway"), "xwayland disable\n") as session:
         yield session
+
+
+
+@pytest.fixture
+def held_flush(monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldFlush]:
+    """Every receiver's flush to disk (filexfer.receiver's syncfs) waits until the test releases it."""
+    held = HeldFlush(threading.Event(), threading.Event())
+    monkeypatch.setattr(receiver_module, "syncfs", held.syncfs)
+    yield held
+    held.release.set()

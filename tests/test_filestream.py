@@ -95,6 +95,7 @@ def test_entry_fields_are_validated_when_built() -> None:
 @pytest.mark.parametrize("name", [
     "تقرير.pdf", "שלום עולם.txt", "a \uff5c b", "-rf", "--help", "x" * 255, "é" * 127,
     "dir/sub/ファイル", "emoji 👍🏽", "a\u200db",  # ZWJ is part of some scripts
+    "dir/.ivclip-partial-x", ".ivclip-partial",  # the staging prefix is reserved at the top only
 ])
 def test_names_of_every_script_pass(name: str) -> None:
     raw = name.encode()
@@ -113,6 +114,8 @@ def test_names_of_every_script_pass(name: str) -> None:
     (b"x" * 256, "over 255"),
     (b"a/" * 64 + b"a", "levels"),
     (b"a/" * 2100, "over 4095"),
+    (b".ivclip-partial-00000000000000ff", "reserved for transfers in progress"),
+    (b".ivclip-partial-x/f", "reserved for transfers in progress"),
 ])
 def test_path_escapes_are_refused_even_leniently(raw: bytes, why: str) -> None:
     for policy in (STRICT, LENIENT):

@@ -11,11 +11,14 @@ import hashlib
 import os
 import stat
 import subprocess
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from held_flush import HeldFlush
 
+from filexfer.fsops import exists, open_dir, remove_tree
 from filexfer.receiver import STAGING_PREFIX, TreeReceiver, open_receiver, sweep_partials
 from filexfer.sender import Scan, TreeSender, delete_sent, scan, sources_from_paths
 from protocol.filestream import LENIENT, STRICT, NamePolicy
@@ -239,12 +242,82 @@ def test_a_failed_transfer_deletes_nothing(tmp_path: Path, incoming: Path) -> No
     assert f.read_bytes() == b"x"
 
 
+def test_a_move_cancelled_while_flushing_returns_at_once_and_keeps_the_placed_files(
+        incoming: Path, held_flush: HeldFlush) -> None:
+    data = b"moved"
+    receiver = open_receiver(incoming, FileBegin(TID, 1, 1, len(data), FLAG_MOVE, "alice"), policy=STRICT)
+    assert isinstance(receiver, TreeReceiver)
+    for message in (file_entry(b"f.txt", len(data)), FileChunk(TID, 0, data), FileEnd(TID, digest(data)),
+                    StreamEnd(TID, 1, len(data))):
+        assert receiver.feed(message) is None
+    assert held_flush.flushing.wait(5) and receiver.placed and not receiver.done
+    started = time.monotonic()
+    receiver.abort()  # the sender cancelled: nothing to remove, nothing to wait for
+    assert time.monotonic() - started < 5
+    assert (incoming / "alice" / "f.txt").read_bytes() == data
+    held_flush.release.set()
+    receiver._sync.join(5)  # type: ignore[union-attr]
+    assert receiver.poll() is None and not receiver.done  # aborted: no late verdict
+
+
 def test_leftover_staging_is_swept(tmp_path: Path, incoming: Path) -> None:
     stale = incoming / "alice" / (STAGING_PREFIX.decode() + "00000000000000ff")
     make(stale / "ro" / "f", b"partial")
     (stale / "ro").chmod(0o500)
     assert sweep_partials(incoming) == 1
     assert visible(incoming / "alice") == []
+
+
+def as_nobody(tmp_path: Path, work: Callable[[int], None]) -> None:
+    """Run `work(dir_fd)` without root's override of permissions (forked and setuid when we
+    are root), in a directory of its own; fails the test with what went wrong."""
+    base = tmp_path / "nobody"
+    base.mkdir()
+    if os.geteuid() != 0:
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            work(fd)
+        finally:
+            os.close(fd)
+        return
+    os.chown(base, 65534, 65534)
+    fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 0
+        try:
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            work(fd)
+        except BaseException as exc:
+            os.write(write_end, repr(exc).encode()[:4000])
+            code = 1
+        os._exit(code)
+    os.close(write_end)
+    os.close(fd)
+    with os.fdopen(read_end, "rb") as pipe:
+        error = pipe.read().decode()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, error
+
+
+@pytest.mark.parametrize("mode", [0o300, 0o100, 0o500, 0o000], ids=oct)
+def test_a_partial_tree_with_modes_that_lock_us_out_is_still_removed(tmp_path: Path, mode: int) -> None:
+    def work(dir_fd: int) -> None:
+        os.mkdir(b"partial", 0o700, dir_fd=dir_fd)
+        inner = open_dir(b"partial", dir_fd)
+        os.mkdir(b"locked", 0o700, dir_fd=inner)
+        locked = open_dir(b"locked", inner)
+        os.close(os.open(b"f", os.O_WRONLY | os.O_CREAT, 0o600, dir_fd=locked))
+        os.mkdir(b"sub", 0o700, dir_fd=locked)
+        os.fchmod(locked, mode)  # as a stream may set it
+        os.close(locked)
+        os.close(inner)
+        remove_tree(b"partial", dir_fd)
+        assert not exists(b"partial", dir_fd)
+    as_nobody(tmp_path, work)
 
 
 # The disk fills up --------------------------------------------------------------------

@@ -123,6 +123,7 @@ class InProcessLab:
             vms=vms, socket_path=tmp_path / "broker.sock", region_size=size, shm_prefix=self.prefix,
             clipboard_limit=limit, timeout_s=timeout_s, unlink_on_exit=True,
             audit_path=tmp_path / "audit.log", policy=policy, clipboard_ttl_s=ttl_s,
+            incoming=tmp_path / "in-host",
         )
         self.audit_path = tmp_path / "audit.log"
         self.broker = Broker(config)

@@ -1,4 +1,4 @@
-"""A hostile guest's file offers and junk records: what they may cost the broker and the user.
+"""A hostile guest's file offers, records and cancels: what they may cost the broker and the user.
 
 Mallory writes its own ring through broker.hostile's Adversary (well-formed records, so
 that the broker's channel, not its ring checks, decides); bob is an honest in-process driver.
@@ -6,6 +6,7 @@ that the broker's channel, not its ring checks, decides); bob is an honest in-pr
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 import socket
@@ -15,14 +16,26 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
-from inproc import FakeConnection, InProcessLab, socket_request
+from held_flush import HeldFlush
+from inproc import FakeConnection, InProcessLab, final_reply, socket_request
 
 from broker.files import LOGGED_NAMES, MAX_SKIPPED_RECORDS, SHOWN_NAME_CHARS, STATUS_NAMES
 from broker.hostile import Adversary
 from control.framing import Frame
 from control.server import Connection
 from protocol.channel import OFFER_BURST
-from protocol.messages import Cancel, FileChunk, FileOffer
+from protocol.messages import (
+    FLAG_MOVE,
+    Cancel,
+    EntryType,
+    FileChunk,
+    FileEnd,
+    FileEntry,
+    FileOffer,
+    FileStart,
+    StreamEnd,
+    decode,
+)
 
 
 @pytest.fixture
@@ -127,4 +140,40 @@ def test_junk_records_during_an_approved_transfer_cost_a_bounded_amount_per_roun
         assert rounds <= sent, "the junk was never taken"
     assert rounds >= sent // MAX_SKIPPED_RECORDS
     assert lab.broker.files.transfers  # junk is dropped; the transfer goes on
+    client.close()
+
+
+@pytest.mark.parametrize("target", ["host", "bob"])
+def test_a_move_cancelled_while_its_files_are_flushed_says_they_arrived(
+        lab: InProcessLab, mallory: Adversary, tmp_path: Path, held_flush: HeldFlush, target: str) -> None:
+    data = b"the only copy"
+    assert mallory.send(FileOffer(1, 1, 1, len(data), FLAG_MOVE, 1, (b"f.txt",)))
+    lab.pump(2)
+    client = approve(lab, {"op": "approve", "vm": "mallory", "to": target})
+    lab.pump(2)
+    assert mallory.h2g is not None
+    record = mallory.h2g.poll()
+    assert record is not None
+    start = decode(record.kind, record.payload)
+    assert isinstance(start, FileStart) and start.offer_id == 1
+    tid = start.transfer_id
+    assert mallory.send(FileEntry(tid, EntryType.FILE, 0o644, 0, len(data), b"f.txt"),
+                        FileChunk(tid, 0, data), FileEnd(tid, hashlib.sha256(data).digest()),
+                        StreamEnd(tid, 1, len(data)))
+    while not held_flush.flushing.is_set():
+        lab.pump()
+    assert mallory.send(Cancel(tid))  # mallory cancels: it is not told OK, so it keeps its copy
+    started = time.monotonic()
+    while lab.broker.files.transfers:
+        lab.pump()
+        assert time.monotonic() - started < 5, "the broker waited for the flush"
+    reply = final_reply(client)
+    incoming = tmp_path / f"in-{target}" / "mallory"
+    kept = (f"the files had already arrived in {incoming} and stay there" if target == "host"
+            else "bob may have kept the files (they had all reached it)")
+    assert reply["ok"] is False
+    assert reply["message"] == (f"mallory to {target} failed: mallory: the transfer was cancelled; {kept}, "
+                                "and no source was deleted")
+    lab.pump(3)
+    assert (incoming / "f.txt").read_bytes() == data  # complete, in place: kept
     client.close()
