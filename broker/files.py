@@ -68,6 +68,7 @@ from protocol.messages import (
     FileBegin,
     FileChunk,
     FileCode,
+    FileOffer,
     FileResult,
     Kind,
     Message,
@@ -97,8 +98,10 @@ number (``--offer N``): the VM may have swapped the offer the user checked for a
 LOGGED_NAMES = 5
 STATUS_NAMES = 16
 SHOWN_NAME_CHARS = 120
-"""How many offered names a log line and a status reply show, each at most this many
-characters (escaped): a guest's names do not make log lines or status replies huge."""
+SHOWN_DETAIL_CHARS = 400
+"""How many offered names a log line and a status reply show, each at most SHOWN_NAME_CHARS
+characters (escaped), and how much of a transfer's failure detail an outcome shows: a
+guest's names and details do not make log lines, audit records or replies huge."""
 MAX_SEND_PATHS_BODY = 1 << 20
 """Bytes of paths a host send request may carry (NUL-separated)."""
 FILE_SPINS = 8
@@ -144,9 +147,9 @@ def outcome_text(result: FileResult, who: str) -> str:
     code = FileCode(result.code)
     text = f"{who}: {code.text}"
     if result.name:
-        text += f": '{display(result.name)}'"
+        text += f": '{_shorten(display(result.name))}'"
     if result.detail:
-        text += f" ({display(result.detail)})"
+        text += f" ({_shorten(display(result.detail), SHOWN_DETAIL_CHARS)})"
     return text
 
 
@@ -197,7 +200,7 @@ class FileTransfers:
         self.decide = decide
         self.on_end = on_end
         self.transfers: list[Transfer] = []
-        self._offer_numbers: dict[str, tuple[int, int]] = {}  # vm -> (offer_id, number)
+        self._offer_numbers: dict[str, tuple[FileOffer, int]] = {}  # vm -> (offer, number)
         self._skipped = 0  # records not of the stream taken from a source in this round
         self._next_number = 1
         # Which VM the next ring or protocol error in the relay would be the fault of (set
@@ -222,12 +225,14 @@ class FileTransfers:
             self._send(conn, frame, vm, now)
 
     def _offer_number(self, vm: VmLink) -> int:
+        """The number the user knows the VM's pending offer by: a new one for every offer
+        that arrives (the same offer id again, after a withdrawal, is another offer)."""
         offer = vm.channel.pending_offer
         if offer is None:
             return 0
         known = self._offer_numbers.get(vm.name)
-        if known is None or known[0] != offer.offer_id:
-            known = (offer.offer_id, self._next_number)
+        if known is None or known[0] is not offer:
+            known = (offer, self._next_number)
             self._next_number += 1
             self._offer_numbers[vm.name] = known
         return known[1]
@@ -394,7 +399,9 @@ class FileTransfers:
                 continue
             for vm in (transfer.source_vm, transfer.target_vm):
                 if vm is not None and vm.attachment(now) is Attachment.STALE:
-                    vm.channel.abort(FailReason.DETACHED)
+                    for event in vm.channel.detach(now):
+                        if isinstance(event, OfferWithdrawn):
+                            self.on_event(vm, event, now)
                     self._end(transfer, FileResult(0, FileCode.CANCELLED, detail=(
                         f"{vm.name}'s driver stopped responding").encode()), who=vm.name,
                         failed_side="source" if vm is transfer.source_vm else "target")
@@ -618,8 +625,8 @@ class FileTransfers:
         return {"offers": offers, "transfers": transfers}
 
 
-def _shorten(text: str) -> str:
-    return text if len(text) <= SHOWN_NAME_CHARS else text[: SHOWN_NAME_CHARS - 3] + "..."
+def _shorten(text: str, most: int = SHOWN_NAME_CHARS) -> str:
+    return text if len(text) <= most else text[: most - 3] + "..."
 
 
 def shown_names(names: tuple[bytes, ...], most: int) -> str:

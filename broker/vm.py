@@ -99,7 +99,10 @@ class VmLink:
         self._reinitialise()
 
     # Setup -----------------------------------------------------------------
-    def _reinitialise(self) -> None:
+    def _reinitialise(self, now: float | None = None) -> None:
+        """Start a new session in the region; `now` for a new session of a VM that had one
+        (what limits its offers carries over)."""
+        previous: HostChannel | None = getattr(self, "channel", None)
         self.session_id = secrets.token_bytes(layout.SESSION_ID_SIZE)
         geometry = initialise(self.region.mem, self.session_id)
         self.max_record = geometry.max_record
@@ -107,6 +110,8 @@ class VmLink:
         self.producer = RingProducer(self.region.mem, geometry.host_to_guest, geometry.max_record)
         chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
         self.channel = HostChannel(chunk_size=chunk, timeout_s=self.timeout_s)
+        if previous is not None and now is not None:
+            self.channel.inherit_offer_limits(previous, now)
         self._epoch = 0
         self._heartbeat_seen_at = None
         self._caps_mirrored = -1
@@ -177,7 +182,7 @@ class VmLink:
             if problem:
                 self.region.restore_size()
                 log.warning("%s: %s; restored its size", self.name, problem)
-            self._reinitialise()
+            self._reinitialise(now)
         except RegionError as exc:  # BackingLostError included: truncated again meanwhile
             log.warning("%s: cannot re-initialise the region yet: %s", self.name, exc)
             self.last_fault = str(exc)
@@ -229,7 +234,7 @@ class VmLink:
                     log.info("%s: driver restarted%s", self.name, times)
                     self._restarts_unlogged = 0
                     self._next_restart_log = now + DROP_LOG_INTERVAL_S
-                events += self.channel.abort(FailReason.DETACHED)
+                events += self.channel.detach(now)
             else:
                 log.info("%s: driver attached", self.name)
             self._epoch = epoch

@@ -42,7 +42,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
-from filexfer.fsops import exists, open_dir, remove_tree, rename_noreplace, syncfs
+from filexfer.fsops import chmod_dir, exists, open_dir, remove_tree, rename_noreplace, syncfs
 from protocol.errors import FileRefused
 from protocol.filestream import STAGING_PREFIX, NamePolicy, StreamChecker, display
 from protocol.messages import (
@@ -60,6 +60,10 @@ from protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+CLEANUP_WAIT_S = 0.5
+"""How long an abort waits for the partial transfer to be removed before it lets the
+removal finish in the background."""
 
 
 
@@ -321,12 +325,13 @@ class TreeReceiver:
         unlock = stat.S_ISDIR(st.st_mode) and not st.st_mode & stat.S_IWUSR and os.geteuid() != 0
         if unlock:
             os.chmod(name, stat.S_IMODE(st.st_mode) | stat.S_IWUSR, dir_fd=self._staging_fd)
+        moved = False
         try:
             rename_noreplace(self._staging_fd, name, self._src_fd, name)
+            moved = True
         finally:
-            if unlock:
-                where = self._src_fd if exists(name, self._src_fd) else self._staging_fd
-                os.chmod(name, stat.S_IMODE(st.st_mode), dir_fd=where)
+            if unlock:  # on the entry we moved, wherever it is now (never through a link)
+                chmod_dir(name, self._src_fd if moved else self._staging_fd, stat.S_IMODE(st.st_mode))
 
     def _roll_back(self, moved: list[bytes]) -> None:
         for name in moved:
@@ -380,12 +385,22 @@ class TreeReceiver:
         if self._staging_fd >= 0:
             os.close(self._staging_fd)
             self._staging_fd = -1
-            try:
-                remove_tree(self._staging, self._src_fd)
-            except OSError as exc:
-                log.error("cannot remove the partial transfer %s/%s: %s", self.where,
-                          display(self._staging), exc.strerror)
+            # A big tree takes a while to remove: the rest goes on in the background, so
+            # the caller's loop (and the heartbeat) goes on; a leftover is swept at start.
+            cleanup = threading.Thread(target=self._remove_staging, args=(os.dup(self._src_fd),),
+                                       name="ivclip-cleanup", daemon=True)
+            cleanup.start()
+            cleanup.join(CLEANUP_WAIT_S)
         self._close_all()
+
+    def _remove_staging(self, fd: int) -> None:
+        try:
+            remove_tree(self._staging, fd)
+        except OSError as exc:
+            log.error("cannot remove the partial transfer %s/%s: %s", self.where,
+                      display(self._staging), exc.strerror)
+        finally:
+            os.close(fd)
 
     def _close_all(self) -> None:
         if self._src_fd >= 0:

@@ -439,10 +439,11 @@ class HostChannel:
             raise LocalProtocolError("no file offer is pending")
         self._begin(transfer_id, now)
         self.pending_offer = None
-        # Structure and counts only: the receiver applies its own name policy.
+        # Structure, counts and the offered top-level names (what the user approved);
+        # the receiver applies its own name policy.
         self._checker = StreamChecker(
             max_entries=offer.entries, max_files=offer.files, max_bytes=offer.total_size,
-            policy=LENIENT,
+            policy=LENIENT, offered=(offer.roots, offer.names),
         )
         self.state = HostState.FILE_SOURCE
         self._out.send(FileStart(transfer_id, offer.offer_id))
@@ -526,10 +527,32 @@ class HostChannel:
             # A slow but live driver stops at once; a new driver skips what an old one left.
             self._out.send(Cancel(self._retired_id))
             return events
-        if reason is FailReason.DETACHED:
-            self.pending_offer = None  # the driver that offered is gone
         self._to_idle()
         return events
+
+    def detach(self, now: float) -> list[HostEvent]:
+        """The VM's driver went away or restarted: abort what is in flight, and its pending
+        offer counts as withdrawn (a new driver's offer is limited like any that follows a
+        withdrawal, and may be a swap)."""
+        events = self.abort(FailReason.DETACHED)
+        if self.pending_offer is not None:
+            events.append(self._withdraw_offer(now))
+        return events
+
+    def inherit_offer_limits(self, previous: HostChannel, now: float) -> None:
+        """Take over what limits offers from the channel of the VM's previous session (its
+        region was re-initialised): an offer pending there counts as withdrawn now."""
+        self.offer_withdrawn_at = now if previous.pending_offer is not None else previous.offer_withdrawn_at
+        self._withdrew = previous._withdrew or previous.pending_offer is not None
+        self._offer_tokens = previous._offer_tokens
+        self._tokens_at = previous._tokens_at
+
+    def _withdraw_offer(self, now: float) -> OfferWithdrawn:
+        assert self.pending_offer is not None
+        offer_id, self.pending_offer = self.pending_offer.offer_id, None
+        self.offer_withdrawn_at = now
+        self._withdrew = True
+        return OfferWithdrawn(offer_id)
 
     def reject_offer(self) -> FileOffer | None:
         """The user rejected the pending offer: forget it and tell the VM; returns it."""
@@ -596,10 +619,7 @@ class HostChannel:
             return self._on_offer(message, now)
         if isinstance(message, Cancel) and self.pending_offer is not None \
                 and message.transfer_id == self.pending_offer.offer_id:
-            self.pending_offer = None
-            self.offer_withdrawn_at = now
-            self._withdrew = True
-            return [OfferWithdrawn(message.transfer_id)]
+            return [self._withdraw_offer(now)]
         if self._retired_id and message.transfer_id == self._retired_id \
                 and isinstance(message, (*_STREAM_TYPES, FileResult, Cancel)):
             # In flight when the transfer ended (an honest peer may send a few), or a

@@ -271,7 +271,10 @@ class StreamChecker:
         max_files: int,
         max_bytes: int,
         policy: NamePolicy = STRICT,
+        offered: tuple[int, tuple[bytes, ...]] | None = None,
     ) -> None:
+        """`offered`: the offer's count of top-level entries and the names it showed (the
+        first ones, in order); the stream's top-level entries must be exactly those."""
         self.max_entries = max_entries
         self.max_files = max_files
         self.max_bytes = max_bytes
@@ -284,6 +287,8 @@ class StreamChecker:
         self.current: bytes = b""
         self._size = 0
         self._received = 0
+        self._offered = offered
+        self.roots = 0  # top-level entries so far
 
     @property
     def open_dirs(self) -> int:
@@ -329,6 +334,9 @@ class StreamChecker:
                     raise self._bad(
                         f"the end marker counts {entries} entries and {total} bytes, "
                         f"the stream held {self.entries} and {self.bytes}", b"")
+                if self._offered is not None and self.roots != self._offered[0]:
+                    raise self._bad(f"the stream held {self.roots} top-level entries, the offer "
+                                    f"{self._offered[0]}", b"")
                 self.phase = Phase.ENDED
                 self.stack.clear()
                 return None
@@ -349,6 +357,8 @@ class StreamChecker:
                               f"more than the {self.max_entries} entries announced")
         if entry.type == EntryType.SYMLINK:
             check_link(parts, entry.target, self.policy)
+        if len(parts) == 1 and self._offered is not None:
+            self._check_root(parts[0])
         del self.stack[len(parent) :]
         self.entries += 1
         if entry.type == EntryType.DIRECTORY:
@@ -364,3 +374,12 @@ class StreamChecker:
             self._received = 0
             self.phase = Phase.DATA if entry.size else Phase.DIGEST
         return EntryStep(parts, closed)
+
+    def _check_root(self, name: bytes) -> None:
+        assert self._offered is not None
+        count, names = self._offered
+        if self.roots >= count:
+            raise self._bad(f"more top-level entries than the {count} offered")
+        if self.roots < len(names) and name != names[self.roots]:
+            raise self._bad(f"a top-level entry where the offer named '{display(names[self.roots])}'")
+        self.roots += 1

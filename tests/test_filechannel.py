@@ -140,14 +140,46 @@ def test_the_source_is_held_to_what_was_approved() -> None:
     channel = host()
     channel.receive(OFFER, 0.0)
     channel.start_file_source(9, 0.0)
-    channel.take_stream(FileEntry(9, EntryType.FILE, 0o644, 0, 3, b"a"), 0.0)
+    channel.take_stream(FileEntry(9, EntryType.DIRECTORY, 0o755, 0, 0, b"top"), 0.0)
+    channel.take_stream(FileEntry(9, EntryType.FILE, 0o644, 0, 3, b"top/a"), 0.0)
     channel.take_stream(FileChunk(9, 0, b"abc"), 0.0)
     channel.take_stream(FileEnd(9, DIGEST), 0.0)
     with pytest.raises(FileRefused, match="announced") as info:
-        channel.take_stream(FileEntry(9, EntryType.FILE, 0o644, 0, 0, b"b"), 0.0)  # a second file
+        channel.take_stream(FileEntry(9, EntryType.FILE, 0o644, 0, 0, b"top/b"), 0.0)  # a second file
     assert isinstance(info.value, RemoteProtocolError)  # so the broker marks the VM faulty
     with pytest.raises(LocalProtocolError, match="another transfer"):
         channel.take_stream(FileEntry(8, EntryType.FILE, 0o644, 0, 0, b"c"), 0.0)
+
+
+@pytest.mark.parametrize(("offer", "stream", "why"), [
+    (FileOffer(77, 1, 1, 0, 0, 1, (b"holiday.jpg",)),
+     [FileEntry(9, EntryType.FILE, 0o755, 0, 0, b"run-me.desktop")], "where the offer named 'holiday.jpg'"),
+    (FileOffer(77, 2, 2, 0, 0, 1, (b"a",)),
+     [FileEntry(9, EntryType.FILE, 0o644, 0, 0, b"a"), FileEnd(9, DIGEST),
+      FileEntry(9, EntryType.FILE, 0o644, 0, 0, b"b")], "more top-level entries than the 1 offered"),
+    (FileOffer(77, 2, 2, 0, 0, 2, (b"a", b"b")),
+     [FileEntry(9, EntryType.FILE, 0o644, 0, 0, b"a"), FileEnd(9, DIGEST), StreamEnd(9, 1, 0)],
+     "held 1 top-level entries, the offer 2"),
+], ids=["another-name", "one-more", "one-fewer"])
+def test_the_stream_holds_exactly_the_top_level_entries_offered(
+        offer: FileOffer, stream: list[Message], why: str) -> None:
+    channel = host()
+    channel.receive(offer, 0.0)
+    channel.start_file_source(9, 0.0)
+    with pytest.raises(FileRefused, match=why):
+        for message in stream:
+            channel.take_stream(message, 0.0)  # type: ignore[arg-type]
+
+
+def test_top_level_names_beyond_those_an_offer_could_show_are_counted_not_named() -> None:
+    channel = host()
+    offer = FileOffer(77, 3, 3, 0, 0, 3, (b"a",))  # 3 roots, only the first named (the list was full)
+    channel.receive(offer, 0.0)
+    channel.start_file_source(9, 0.0)
+    for name in (b"a", b"x", b"y"):
+        channel.take_stream(FileEntry(9, EntryType.FILE, 0o644, 0, 0, name), 0.0)
+        channel.take_stream(FileEnd(9, DIGEST), 0.0)
+    channel.take_stream(StreamEnd(9, 3, 0), 0.0)
 
 
 def test_a_sender_reports_failure_but_never_success() -> None:

@@ -11,6 +11,7 @@ import hashlib
 import os
 import stat
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -18,6 +19,7 @@ from pathlib import Path
 import pytest
 from held_flush import HeldFlush
 
+from filexfer import receiver as receiver_module
 from filexfer.fsops import exists, open_dir, remove_tree
 from filexfer.receiver import STAGING_PREFIX, TreeReceiver, open_receiver, sweep_partials
 from filexfer.sender import Scan, TreeSender, delete_sent, scan, sources_from_paths
@@ -258,6 +260,44 @@ def test_a_move_cancelled_while_flushing_returns_at_once_and_keeps_the_placed_fi
     held_flush.release.set()
     receiver._sync.join(5)  # type: ignore[union-attr]
     assert receiver.poll() is None and not receiver.done  # aborted: no late verdict
+
+
+def test_a_name_planted_before_the_final_rename_is_left_as_it_was(
+        tmp_path: Path, incoming: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read-only folder is made writable to be moved into place (as a user, not root) and
+    its mode put back: on the entry itself, never through a link planted under its name."""
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # the receiver's non-root path
+    receiver = open_receiver(incoming, FileBegin(TID, 1, 0, 0, 0, "alice"), policy=STRICT)
+    assert isinstance(receiver, TreeReceiver)
+    assert receiver.feed(FileEntry(TID, EntryType.DIRECTORY, 0o555, 0, 0, b"top")) is None
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o700)
+    (incoming / "alice" / "top").symlink_to(victim)  # someone else, during the transfer
+    result = receiver.feed(StreamEnd(TID, 1, 0))
+    assert result is not None and result.code == FileCode.EXISTS
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o700
+    assert visible(incoming / "alice") == ["top"]  # the link, and nothing of ours
+
+
+def test_an_abort_lets_a_slow_removal_finish_in_the_background(
+        incoming: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    release = threading.Event()
+    real_remove_tree = receiver_module.remove_tree
+
+    def slow_remove_tree(name: bytes, dir_fd: int) -> None:
+        release.wait(10)  # a tree of many files
+        real_remove_tree(name, dir_fd)
+    monkeypatch.setattr(receiver_module, "remove_tree", slow_remove_tree)
+    receiver = open_receiver(incoming, FileBegin(TID, 1, 1, 1, 0, "alice"), policy=STRICT)
+    assert isinstance(receiver, TreeReceiver)
+    assert receiver.feed(file_entry(b"f", 1)) is None
+    receiver.abort()  # returns after CLEANUP_WAIT_S, the removal still held
+    assert visible(incoming / "alice") != []
+    release.set()
+    deadline = time.monotonic() + 10
+    while visible(incoming / "alice"):
+        assert time.monotonic() < deadline, "the partial transfer was never removed"
+        time.sleep(0.01)
 
 
 def test_leftover_staging_is_swept(tmp_path: Path, incoming: Path) -> None:

@@ -19,7 +19,14 @@ import pytest
 from held_flush import HeldFlush
 from inproc import FakeConnection, InProcessLab, final_reply, socket_request
 
-from broker.files import LOGGED_NAMES, MAX_SKIPPED_RECORDS, SHOWN_NAME_CHARS, STATUS_NAMES
+from broker.files import (
+    LOGGED_NAMES,
+    MAX_SKIPPED_RECORDS,
+    SHOWN_DETAIL_CHARS,
+    SHOWN_NAME_CHARS,
+    STATUS_NAMES,
+    outcome_text,
+)
 from broker.hostile import Adversary
 from control.framing import Frame
 from control.server import Connection
@@ -29,13 +36,16 @@ from protocol.messages import (
     Cancel,
     EntryType,
     FileChunk,
+    FileCode,
     FileEnd,
     FileEntry,
     FileOffer,
+    FileResult,
     FileStart,
     StreamEnd,
     decode,
 )
+from shm import layout
 
 
 @pytest.fixture
@@ -177,3 +187,64 @@ def test_a_move_cancelled_while_its_files_are_flushed_says_they_arrived(
     lab.pump(3)
     assert (incoming / "f.txt").read_bytes() == data  # complete, in place: kept
     client.close()
+
+
+def shown_offer(lab: InProcessLab) -> dict[str, Any]:
+    [shown] = request(lab, {"op": "status"})["files"]["offers"]
+    return cast(dict[str, Any], shown)
+
+
+@pytest.mark.parametrize("how", ["driver restart", "fault"])
+def test_an_offer_lost_with_its_driver_or_session_counts_as_withdrawn(
+        lab: InProcessLab, mallory: Adversary, how: str) -> None:
+    assert mallory.send(offer(1, (b"holiday.jpg",)))
+    lab.pump(2)
+    checked = shown_offer(lab)
+    link = lab.broker.vms["mallory"]
+    if how == "driver restart":  # a new epoch: the broker sees a new driver
+        mallory.mem.store_u64(layout.GUEST_EPOCH_OFF, mallory.mem.load_u64(layout.GUEST_EPOCH_OFF) + 2)
+    else:
+        link.fault("a bad record", time.monotonic() - 5)  # re-initialised at the next round
+    deadline = time.monotonic() + 5
+    while link.channel.pending_offer is not None:  # the broker looks at the driver every 0.1 s
+        assert time.monotonic() < deadline, "the broker never noticed"
+        lab.pump()
+    assert mallory.sync()
+    assert mallory.send(offer(1, (b"payload.sh",)))  # the same offer id, other content
+    lab.pump(2)
+    swapped = shown_offer(lab)
+    assert swapped["names"] == ["payload.sh"] and swapped["offer"] != checked["offer"]
+    stale = request(lab, {"op": "approve", "vm": "mallory", "to": "bob", "offer": checked["offer"]})
+    assert stale["ok"] is False and "check status again" in stale["message"]
+    unnamed = request(lab, {"op": "approve", "vm": "mallory", "to": "bob"})
+    assert unnamed["ok"] is False and "approve it by number" in unnamed["message"]
+    assert not lab.broker.files.transfers
+
+
+def test_a_stream_other_than_the_offer_is_refused_and_its_vm_faulted(
+        lab: InProcessLab, mallory: Adversary) -> None:
+    assert mallory.send(offer(1, (b"holiday.jpg",)))
+    lab.pump(2)
+    client = approve(lab, {"op": "approve", "vm": "mallory", "to": "host"})
+    lab.pump(2)
+    assert mallory.h2g is not None
+    record = mallory.h2g.poll()
+    assert record is not None
+    start = decode(record.kind, record.payload)
+    assert isinstance(start, FileStart)
+    assert mallory.send(FileEntry(start.transfer_id, EntryType.FILE, 0o755, 0, 10, b"run-me.desktop"))
+    while lab.broker.files.transfers:
+        lab.pump()
+    reply = final_reply(client)
+    assert reply["ok"] is False and "where the offer named 'holiday.jpg'" in str(reply["message"])
+    assert lab.broker.vms["mallory"].counters.faults == 1
+    assert not any((lab.broker.files.incoming / "mallory").iterdir())
+    client.close()
+
+
+def test_a_guests_failure_name_and_detail_are_shortened_in_the_outcome() -> None:
+    result = FileResult(1, FileCode.NAME_REFUSED, name=b"\x1b" * 4095, detail=b"\x07" * 512)
+    text = outcome_text(result, "mallory")
+    assert text.startswith("mallory: the receiver refuses this name: '\\x1b")
+    assert len(text) < 100 + SHOWN_NAME_CHARS + SHOWN_DETAIL_CHARS
+    assert text.count("...") == 2
