@@ -73,7 +73,7 @@ class AuditLog:
             "reason": reason,
         }
         self.records += 1
-        log.info("audit: %s %s -> %s, %s bytes: %s%s", gesture, source, target,
+        log.info("audit: %s %s -> %s, %s bytes: %s%s", gesture, source or "-", target or "-",
                  "-" if size is None else size, outcome, f" ({reason})" if reason else "")
         if self._fd is not None:
             line = json.dumps(entry, ensure_ascii=True, separators=(",", ":")) + "\n"

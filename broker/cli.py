@@ -80,6 +80,12 @@ def _target(text: str) -> str:
     return text if text == HOST else _vm_name(text)
 
 
+def _offer_number(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an offer number (1, 2, ... as status shows them)")
+    return int(text)
+
+
 def _shm_prefix(text: str) -> str:
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", text):
         raise argparse.ArgumentTypeError(f"shm prefix {text!r} must be letters, digits, '.', '-', '_'")
@@ -224,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     approve.add_argument("vm", type=_vm_name)
     approve.add_argument("--to", required=True, metavar="TARGET", type=_target,
                          help=f"the VM that receives the files, or '{HOST}'")
-    approve.add_argument("--offer", type=int, metavar="N",
+    approve.add_argument("--offer", type=_offer_number, metavar="N",
                          help="approve only if the pending offer is still #N (as status shows it)")
     approve.add_argument("--json", action="store_true", help="print the outcome as JSON")
     reject = with_socket(sub.add_parser("reject", help="refuse VM's pending file offer"))

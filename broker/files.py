@@ -287,8 +287,11 @@ class FileTransfers:
                 refusal = self._endpoint_refusal(self.vms[target_name], now)
         if refusal is None:
             assert offer is not None and isinstance(target_name, str)
-            refusal = self.decide(FileRequest(source.name, target_name, offer.entries, offer.files,
-                                              offer.total_size, bool(offer.flags & FLAG_MOVE)))
+            denial = self.decide(FileRequest(source.name, target_name, offer.entries, offer.files,
+                                             offer.total_size, bool(offer.flags & FLAG_MOVE)))
+            if denial:
+                refusal = (f"{source.name}'s offer #{number} to {target_name} DENIED, nothing sent: "
+                           f"{denial}; the offer stays pending (reject {source.name} to drop it)")
         if refusal:
             log.info("approve %s: refused: %s", source.name, refusal)
             conn.reply({"ok": False, "message": refusal})
@@ -325,8 +328,11 @@ class FileTransfers:
             return
         sources, move = request.sources, request.move
         entries, files, total = request.entries, request.files, request.total_size
-        refusal = self._endpoint_refusal(target, now) or self.decide(
-            FileRequest(HOST, target.name, entries, files, total, move))
+        refusal = self._endpoint_refusal(target, now)
+        if refusal is None:
+            denial = self.decide(FileRequest(HOST, target.name, entries, files, total, move))
+            if denial:
+                refusal = f"send to {target.name} DENIED, nothing sent: {denial}"
         if refusal:
             log.info("send to %s: refused: %s", target.name, refusal)
             conn.reply({"ok": False, "message": refusal})
@@ -388,6 +394,8 @@ class FileTransfers:
             result = FileResult(0, code, detail=detail.encode()[:512])
             self._end(transfer, result, who=vm.name, failed_side=side)
         else:
+            if side == "target" and result.code != FileCode.OK:
+                transfer.end_relayed = False  # the receiver's own verdict: it removed what it had
             self._end(transfer, result, who=vm.name, failed_side=side if result.code != FileCode.OK else "")
 
     # The loop ------------------------------------------------------------------------------
@@ -559,10 +567,7 @@ class FileTransfers:
         if transfer.sender is not None:
             transfer.sender.close()
             if ok and transfer.move:
-                report = delete_sent(transfer.sender)
-                moved_note = f"; deleted {report.deleted} source entries"
-                if report.kept_count:
-                    moved_note += f", kept {report.kept_count}: " + "; ".join(report.kept)
+                moved_note = "; " + delete_sent(transfer.sender).summary()
         what = describe(transfer.entries_total, transfer.files_total, transfer.bytes_total)
         elapsed = time.monotonic() - transfer.started
         if ok:

@@ -449,6 +449,13 @@ class MoveReport:
         if len(self.kept) < MAX_NOTICES:
             self.kept.append(text)
 
+    def summary(self) -> str:
+        """'deleted 3 source entries; kept 1: <why>' for an outcome line."""
+        text = f"deleted {self.deleted} source entr{'y' if self.deleted == 1 else 'ies'}"
+        if self.kept_count:
+            text += f"; kept {self.kept_count}: " + "; ".join(self.kept)
+        return text
+
 
 def delete_sent(sender: TreeSender) -> MoveReport:
     """Delete what `sender` sent, children first; keep (and say so) anything that changed.

@@ -185,10 +185,10 @@ def main(argv: list[str] | None = None) -> int:
             found = scan_sources(args.paths, move=args.move)
             if found is None:
                 return 1
-            print(f"offering {summary(found)}; waiting for the host user", file=sys.stderr)
             return wait_for_outcome(socket_path, {
                 "op": "send", "move": args.move, "entries": found.entries, "files": found.files,
-                "total_size": found.total_size}, paths_body(found), service="guest driver")
+                "total_size": found.total_size}, paths_body(found), service="guest driver",
+                announce=f"offering {summary(found)}; waiting for the host user")
         reply, _ = call(socket_path, {"op": "status"}, timeout_s=10, service="guest driver")
         if args.json or not reply.get("ok"):
             return report(reply, as_json=args.json)

@@ -160,10 +160,7 @@ class GuestFiles:
             return
         message = f"sent {what}; the receiver confirmed every file"
         if scan.move and send.sender is not None:
-            report = delete_sent(send.sender)
-            message = f"moved {what}; deleted {report.deleted} source entries"
-            if report.kept_count:
-                message += f"; kept {report.kept_count}: " + "; ".join(report.kept)
+            message = f"moved {what}; " + delete_sent(send.sender).summary()
         self._finish_send(True, message)
 
     # Incoming ----------------------------------------------------------------------------

@@ -189,6 +189,18 @@ def test_a_send_to_an_unknown_vm_says_only_why_it_was_refused(lab: HostLab, tmp_
     assert "sending" not in sent.stderr  # not announced before the broker took it on
 
 
+def test_a_second_send_while_one_is_offered_is_refused_and_not_announced(
+        lab: HostLab, tmp_path: Path) -> None:
+    top = make_tree(tmp_path / "twice", {"one": b"1"})
+    send = Send(lab, "alice", str(top / "one"))
+    wait_offer(lab, "alice")
+    second = lab.guest_cmd("alice", "send", str(top / "one"))
+    assert second.returncode == 1
+    assert second.stderr.decode() == "another send is already under way in this VM\n"
+    assert lab.broker_cmd("reject", "alice").returncode == 0
+    assert send.result()[0] == 1
+
+
 def test_move_deletes_the_sources_only_after_confirmation(lab: HostLab, tmp_path: Path) -> None:
     top = make_tree(tmp_path / "moving", {"one": b"1", "deep/two": b"2"})
     send = Send(lab, "alice", "--move", str(top))
@@ -215,6 +227,7 @@ def test_a_name_clash_is_an_error_and_nothing_is_overwritten(lab: HostLab, tmp_p
     wait_offer(lab, "alice")
     approved = lab.broker_cmd("approve", "alice", "--to", "bob")
     assert approved.returncode == 1 and "already exists" in approved.stderr
+    assert "nothing was written" in approved.stderr and "may have kept" not in approved.stderr
     assert "'report.txt'" in approved.stderr
     code, text = send.result()
     assert code == 1 and "report.txt" in text and "no source was deleted" in text

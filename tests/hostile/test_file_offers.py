@@ -28,6 +28,7 @@ from broker.files import (
     outcome_text,
 )
 from broker.hostile import Adversary
+from broker.policy import parse_policy
 from control.framing import Frame
 from control.server import Connection
 from protocol.channel import OFFER_BURST
@@ -248,3 +249,24 @@ def test_a_guests_failure_name_and_detail_are_shortened_in_the_outcome() -> None
     assert text.startswith("mallory: the receiver refuses this name: '\\x1b")
     assert len(text) < 100 + SHOWN_NAME_CHARS + SHOWN_DETAIL_CHARS
     assert text.count("...") == 2
+
+
+def test_an_approval_the_policy_denies_says_what_and_keeps_the_offer(tmp_path: Path) -> None:
+    policy = parse_policy('[[rule]]\nwhat = "file"\nsource = "*"\ntarget = "*"\ndecision = "deny"\n',
+                          "policy.toml")
+    lab = InProcessLab(tmp_path, ["mallory", "bob"], ["bob"], incoming=True, policy=policy)
+    try:
+        adversary = Adversary(lab.broker.vms["mallory"].region.mem, random.Random(1), concurrent=False)
+        assert adversary.sync()
+        lab.attach_all()
+        assert adversary.send(offer(1))
+        lab.pump(2)
+        number = shown_offer(lab)["offer"]
+        denied = request(lab, {"op": "approve", "vm": "mallory", "to": "bob"})
+        assert denied["ok"] is False
+        assert denied["message"].startswith(f"mallory's offer #{number} to bob DENIED, nothing sent: "
+                                            "denied by policy (policy.toml")
+        assert denied["message"].endswith("the offer stays pending (reject mallory to drop it)")
+        assert lab.broker.vms["mallory"].channel.pending_offer is not None
+    finally:
+        lab.close()
