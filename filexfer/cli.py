@@ -34,7 +34,7 @@ def scan_sources(paths: list[str], *, move: bool) -> Scan | None:
     for notice in found.notices:
         print(f"notice: {notice}", file=sys.stderr)
     if found.notice_count > len(found.notices):
-        print(f"notice: ... and {found.notice_count - len(found.notices)} more skipped", file=sys.stderr)
+        print(f"notice: ... and {found.notice_count - len(found.notices)} more", file=sys.stderr)
     if found.problem_count:
         for problem in found.problems:
             print(f"error: {problem}", file=sys.stderr)

@@ -37,7 +37,15 @@ from dataclasses import dataclass, field
 from filexfer.errors import SourceError
 from filexfer.fsops import open_dir
 from protocol.errors import FileRefused
-from protocol.filestream import LENIENT, MAX_DEPTH, check_link, display, offer_names, split_path
+from protocol.filestream import (
+    LENIENT,
+    MAX_DEPTH,
+    check_link,
+    display,
+    offer_names,
+    split_path,
+    unsafe_reason,
+)
 from protocol.messages import (
     FLAG_MOVE,
     MAX_ENTRIES,
@@ -267,6 +275,9 @@ def _scan_item(result: Scan, item: _Item, move: bool) -> None:
     except OSError as exc:
         result._problem(f"{shown()}: {exc.strerror}")
         return
+    unsafe = unsafe_reason(parts[-1])
+    if unsafe:  # the receiver's own policy decides: say so before the user approves
+        result._note(f"{shown()} has {unsafe}: a receiver refuses it unless it allows unsafe names")
     result.entries += 1
     if kind is EntryType.FILE:
         flags = os.O_RDONLY | os.O_CLOEXEC | (0 if item.root else os.O_NOFOLLOW)

@@ -244,7 +244,11 @@ def test_unsafe_names_refused_by_default_allowed_by_the_option_and_escaped(
     refused = lab.broker_cmd("approve", "alice", "--to", "bob")
     assert refused.returncode == 1 and "refuses this name" in refused.stderr
     assert "\\u202e" in refused.stderr and "\u202e" not in refused.stderr
-    assert send.result()[0] == 1
+    code, text = send.result()
+    assert code == 1
+    notices = [line for line in text.splitlines() if line.startswith("notice:")]
+    assert len(notices) == 2 and all("unless it allows unsafe names" in n for n in notices), text
+    assert "\\u202e" in notices[0] and "\\n" in notices[1]  # escaped, never shown raw
     assert not (incoming(lab, "bob") / top.name).exists()
     assert not any("ivclip-partial" in p for p in visible(incoming(lab, "bob")))
     send = Send(lab, "alice", str(top))
