@@ -390,6 +390,8 @@ class Broker:
             return f"{vm.name} did not answer: its driver has not responded for {age:.0f} s"
         if state is Attachment.FAULTY:
             return f"{vm.name} is faulty ({vm.last_fault}); waiting for its driver to re-attach"
+        if state is Attachment.STOPPED:
+            return f"{vm.name} did not answer: its driver stopped"
         return f"{vm.name} did not answer: its driver is not attached"
 
     def _on_event(self, vm: VmLink, event: HostEvent) -> None:

@@ -59,6 +59,7 @@ CHUNK_SIZE = 256 * 1024
 
 class Attachment(enum.Enum):
     NEVER = "never attached"
+    STOPPED = "stopped"  # its driver detached cleanly
     ATTACHED = "attached"
     STALE = "not responding"
     FAULTY = "faulty"
@@ -91,8 +92,9 @@ class VmLink:
         self._caps_mirrored = -1
         self._drops_unlogged = 0
         self._next_drop_log = 0.0
-        self._restarts_unlogged = 0
-        self._next_restart_log = 0.0
+        self._changes_unlogged = 0
+        self._next_change_log = 0.0
+        self._stopped = False
         self._reinit_interval = REINIT_INTERVAL_S
         self._recovered_at: float | None = None
         self.region_problem = ""
@@ -113,6 +115,7 @@ class VmLink:
         if previous is not None and now is not None:
             self.channel.inherit_offer_limits(previous, now)
         self._epoch = 0
+        self._stopped = False
         self._heartbeat_seen_at = None
         self._caps_mirrored = -1
 
@@ -120,6 +123,8 @@ class VmLink:
     def attachment(self, now: float) -> Attachment:
         if self._is_faulty:
             return Attachment.FAULTY
+        if self._stopped:
+            return Attachment.STOPPED
         if self._heartbeat_seen_at is None:
             return Attachment.NEVER
         if now - self._heartbeat_seen_at > STALE_AFTER_S:
@@ -223,20 +228,23 @@ class VmLink:
         session = mem.read(layout.GUEST_SESSION_OFF, layout.SESSION_ID_SIZE)
         epoch = mem.load_u64(layout.GUEST_EPOCH_OFF)
         heartbeat = mem.load_u64(layout.GUEST_HEARTBEAT_OFF)
-        if session != self.session_id or epoch == 0:
+        if session != self.session_id:
             return []  # no driver attached to this session (yet)
         events: list[HostEvent] = []
+        if epoch == 0:  # a driver that stops says goodbye by clearing its epoch
+            if self._epoch:
+                self._driver_change(now, "stopped")
+                events += self.channel.detach(now)
+                self._epoch = 0
+                self._stopped = True
+            return events
         if epoch != self._epoch:
             if self._epoch:
-                self._restarts_unlogged += 1
-                if now >= self._next_restart_log:
-                    times = f" ({self._restarts_unlogged} times)" if self._restarts_unlogged > 1 else ""
-                    log.info("%s: driver restarted%s", self.name, times)
-                    self._restarts_unlogged = 0
-                    self._next_restart_log = now + DROP_LOG_INTERVAL_S
+                self._driver_change(now, "restarted")
                 events += self.channel.detach(now)
             else:
-                log.info("%s: driver attached", self.name)
+                self._driver_change(now, "attached")
+            self._stopped = False
             self._epoch = epoch
             self.counters.attaches += 1
             self._heartbeat = heartbeat
@@ -245,6 +253,16 @@ class VmLink:
             self._heartbeat = heartbeat
             self._heartbeat_seen_at = now
         return events
+
+    def _driver_change(self, now: float, what: str) -> None:
+        """Log that the driver attached, restarted or stopped: at most one line per
+        DROP_LOG_INTERVAL_S however often a guest makes it happen (each is counted)."""
+        self._changes_unlogged += 1
+        if now >= self._next_change_log:
+            more = self._changes_unlogged - 1
+            log.info("%s: driver %s%s", self.name, what, f" ({more} more changes before)" if more else "")
+            self._changes_unlogged = 0
+            self._next_change_log = now + DROP_LOG_INTERVAL_S
 
     def beat(self) -> None:
         """Bump the broker's heartbeat in the region."""

@@ -9,6 +9,7 @@ after a broker restart.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
@@ -36,7 +37,7 @@ from protocol.messages import CHUNK_HEADER_SIZE, Message, RefusedBecause, Status
 from protocol.pump import drain, drain_views, flush
 from shm import layout
 from shm.backoff import Backoff
-from shm.errors import LayoutError, RegionError, RingCorruptError
+from shm.errors import LayoutError, RegionError, RingCorruptError, ShmError
 from shm.region import Identity, Region, read_identity, read_session_id
 from shm.ring import RingConsumer, RingProducer
 
@@ -150,7 +151,7 @@ class GuestDriver:
         self._stop.stop()
 
     def close(self) -> None:
-        self._detach("driver stopping")
+        self._detach("driver stopping", goodbye=True)
         self.clipboard.close()
         if self._server is not None:
             self._server.close()
@@ -199,11 +200,17 @@ class GuestDriver:
         self._waiting_reason = ""
         log.info("attached to %s (session %s)", path, identity.session_id.hex()[:8])
 
-    def _detach(self, why: str) -> None:
+    def _detach(self, why: str, *, goodbye: bool = False) -> None:
+        """Leave the region; `goodbye`: tell the broker (our epoch cleared), so it fails
+        gestures for us at once instead of waiting for the heartbeat to go stale."""
         if self._attached is None:
             return
         log.info("detached: %s", why)
         self.files.detached(why)
+        mem = self._attached.region.mem
+        if goodbye and read_session_id(mem) == self._attached.identity.session_id:
+            with contextlib.suppress(ShmError):  # a region gone meanwhile needs no goodbye
+                mem.store_u64(layout.GUEST_EPOCH_OFF, 0)
         self._attached.region.close()
         self._attached = None
 

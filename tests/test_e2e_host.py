@@ -147,6 +147,20 @@ def test_copy_from_a_killed_driver_times_out_clearly(lab: HostLab) -> None:
         lab.wait_attached(["mallory"])
 
 
+def test_a_cleanly_stopped_driver_is_known_at_once(lab: HostLab) -> None:
+    lab.stop_guest("mallory")  # SIGTERM: the driver says goodbye
+    try:
+        lab._wait_for(lambda: next(vm for vm in lab.status()["vms"] if vm["name"] == "mallory")["state"]
+                      == "stopped", 1.5, "mallory to be shown stopped")  # before its heartbeat goes stale
+        started = time.monotonic()
+        code, line = gesture(lab, "copy", "mallory")
+        assert (code, line) == (1, "mallory did not answer: its driver stopped")
+        assert time.monotonic() - started < 4  # no 5 s wait for an answer that cannot come
+    finally:
+        lab.start_guest("mallory")
+        lab.wait_attached(["mallory"])
+
+
 def test_unknown_vm_and_bad_names_get_clear_errors(lab: HostLab) -> None:
     code, line = gesture(lab, "copy", "nobody")
     assert code == 1 and "unknown VM 'nobody'" in line

@@ -70,17 +70,31 @@ def attach_driver(vm: VmLink, epoch: int) -> None:
     mem.store_u64(layout.GUEST_HEARTBEAT_OFF, epoch)
 
 
+@pytest.mark.parametrize("how", ["restarting", "stopping and starting"])
 def test_a_driver_restarting_in_a_loop_is_counted_and_logged_once_a_period(
-        link: VmLink, caplog: pytest.LogCaptureFixture) -> None:
+        link: VmLink, caplog: pytest.LogCaptureFixture, how: str) -> None:
     caplog.set_level(logging.INFO, logger="broker.vm")
     now = 10.0
-    for epoch in range(1, 202):  # a restart each time the broker looks
-        attach_driver(link, epoch)
+    for epoch in range(1, 202):  # a change each time the broker looks
+        attach_driver(link, epoch if how == "restarting" or epoch % 2 else 0)
         link.service(now)
         now += ATTACH_LOOK_S
-    assert link.counters.attaches == 201
-    lines = [r.getMessage() for r in caplog.records if "driver restarted" in r.getMessage()]
+    attaches = 201 if how == "restarting" else 101
+    assert link.counters.attaches == attaches
+    lines = [r.getMessage() for r in caplog.records if "mallory: driver" in r.getMessage()]
     assert 2 <= len(lines) <= 200 * ATTACH_LOOK_S / DROP_LOG_INTERVAL_S + 1
-    assert lines[0] == "mallory: driver restarted"
-    assert lines[1].startswith("mallory: driver restarted (") and lines[1].endswith(" times)")
+    assert lines[0] == "mallory: driver attached"
+    assert lines[1].startswith("mallory: driver ") and lines[1].endswith(" more changes before)")
     assert link.attachment(now) is Attachment.ATTACHED
+
+
+def test_a_driver_that_says_goodbye_is_stopped_at_once_until_one_attaches(link: VmLink) -> None:
+    attach_driver(link, 7)
+    link.service(1.0)
+    assert link.attachment(1.0) is Attachment.ATTACHED
+    link.region.mem.store_u64(layout.GUEST_EPOCH_OFF, 0)  # the driver's goodbye
+    link.service(1.0 + 2 * ATTACH_LOOK_S)
+    assert link.attachment(1.0 + 2 * ATTACH_LOOK_S) is Attachment.STOPPED  # not "attached" for 2 s more
+    attach_driver(link, 8)
+    link.service(1.0 + 4 * ATTACH_LOOK_S)
+    assert link.attachment(1.0 + 4 * ATTACH_LOOK_S) is Attachment.ATTACHED
