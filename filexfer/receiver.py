@@ -61,7 +61,7 @@ from protocol.messages import (
 
 log = logging.getLogger(__name__)
 
-CLEANUP_WAIT_S = 0.5
+CLEANUP_WAIT_S = 1.0
 """How long an abort waits for the partial transfer to be removed before it lets the
 removal finish in the background."""
 
