@@ -48,7 +48,8 @@ the wait before the next re-initialisation, up to MAX_REINIT_INTERVAL_S: a guest
 breaking the protocol costs a log line and a re-initialisation a minute, not one a second."""
 DROP_LOG_INTERVAL_S = 5.0
 """At most one log line per VM per this period about unsolicited records, however
-many a guest floods in (each is still counted), and about driver restarts."""
+many a guest floods in (each is still counted), and about its driver attaching,
+restarting or stopping."""
 MAX_RECORDS_PER_SERVICE = 256
 """Fairness bound: records taken from one VM before serving the next."""
 MAX_BYTES_PER_SERVICE = 512 * 1024
@@ -101,10 +102,7 @@ class VmLink:
         self._reinitialise()
 
     # Setup -----------------------------------------------------------------
-    def _reinitialise(self, now: float | None = None) -> None:
-        """Start a new session in the region; `now` for a new session of a VM that had one
-        (what limits its offers carries over)."""
-        previous: HostChannel | None = getattr(self, "channel", None)
+    def _reinitialise(self) -> None:
         self.session_id = secrets.token_bytes(layout.SESSION_ID_SIZE)
         geometry = initialise(self.region.mem, self.session_id)
         self.max_record = geometry.max_record
@@ -112,8 +110,6 @@ class VmLink:
         self.producer = RingProducer(self.region.mem, geometry.host_to_guest, geometry.max_record)
         chunk = min(CHUNK_SIZE, geometry.max_record - CHUNK_HEADER_SIZE)
         self.channel = HostChannel(chunk_size=chunk, timeout_s=self.timeout_s)
-        if previous is not None and now is not None:
-            self.channel.inherit_offer_limits(previous, now)
         self._epoch = 0
         self._stopped = False
         self._heartbeat_seen_at = None
@@ -182,12 +178,14 @@ class VmLink:
     def _recover(self, now: float) -> bool:
         """Re-initialise the region after a fault (restoring its size first if needed)."""
         self._is_faulty = False
+        previous = self.channel
         try:
             problem = self.region.size_problem()
             if problem:
                 self.region.restore_size()
                 log.warning("%s: %s; restored its size", self.name, problem)
-            self._reinitialise(now)
+            self._reinitialise()
+            self.channel.inherit_offer_limits(previous, now)  # what limits its offers carries over
         except RegionError as exc:  # BackingLostError included: truncated again meanwhile
             log.warning("%s: cannot re-initialise the region yet: %s", self.name, exc)
             self.last_fault = str(exc)

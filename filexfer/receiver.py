@@ -66,7 +66,6 @@ CLEANUP_WAIT_S = 1.0
 removal finish in the background."""
 
 
-
 @dataclass(slots=True)
 class _OpenDir:
     fd: int

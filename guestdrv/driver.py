@@ -208,9 +208,10 @@ class GuestDriver:
         log.info("detached: %s", why)
         self.files.detached(why)
         mem = self._attached.region.mem
-        if goodbye and read_session_id(mem) == self._attached.identity.session_id:
+        if goodbye:
             with contextlib.suppress(ShmError):  # a region gone meanwhile needs no goodbye
-                mem.store_u64(layout.GUEST_EPOCH_OFF, 0)
+                if read_session_id(mem) == self._attached.identity.session_id:
+                    mem.store_u64(layout.GUEST_EPOCH_OFF, 0)
         self._attached.region.close()
         self._attached = None
 

@@ -147,7 +147,7 @@ class InProcessLab:
         assert isinstance(original, GuardedBuffer)
         recorder = RecordingBuffer(link.region._map)
         link.region.mem = recorder
-        link._reinitialise(time.monotonic())  # the ring ends now read through the recorder
+        link._reinitialise()  # the ring ends now read through the recorder
         self._recorders.append((vm, original))
         return recorder
 
